@@ -1,0 +1,27 @@
+"""The codec's named errors. Every failure to read a package is one of these; nothing else escapes."""
+
+from __future__ import annotations
+
+
+class CodecError(Exception):
+    """Base class: the package could not be produced or read."""
+
+
+class MalformedPackageError(CodecError):
+    """The bytes are not a well-formed package (bad magic, bad lengths, bad metadata)."""
+
+
+class UnsupportedVersionError(MalformedPackageError):
+    """A package of a format version (or feature) this codec does not implement."""
+
+
+class AuthenticationError(CodecError):
+    """A check failed: the header, a wrap or a chunk was altered, or the key is not this package's."""
+
+
+class TruncatedPackageError(CodecError):
+    """The package ends early: a chunk or the final (last-flagged) chunk is missing."""
+
+
+class NoMatchingKeyError(CodecError):
+    """None of the package's DEK wraps is for a key the caller holds."""
