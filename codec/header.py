@@ -19,7 +19,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -45,6 +45,10 @@ MAX_WRAPS = 16
 MAX_WRAPPED = 1024  # an RSA-8192 ciphertext; RSA-3072 wraps are 384 bytes
 KDF_INFO = b"mediaseal/v1 key schedule\x00"
 MAX_HEADER = PREFIX.size + SALT_SIZE + MAX_CORE + 2 * CHECK_SIZE + 2 + MAX_WRAPS_LEN
+
+class _Reader(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
 
 KINDS = ("call", "screen", "digital", "transcript")
 _RECORDING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -208,7 +212,7 @@ def _check_wrap(w: Wrap) -> None:
         raise MalformedPackageError("a wrap has a bad kid, alg or wrapped-key length")
 
 
-def read_header(f: BinaryIO) -> Header:
+def read_header(f: _Reader) -> Header:
     """Parse a header from the current position of `f`, reading exactly its bytes.
 
     Every length is checked against its bound before anything is allocated, so a hostile header
@@ -270,7 +274,7 @@ def _parse_wraps(block: bytes) -> tuple[Wrap, ...]:
     return tuple(wraps)
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
+def _read_exact(f: _Reader, n: int) -> bytes:
     data = f.read(n)
     while len(data) < n:  # pipes may return short reads; an empty read is the end
         more = f.read(n - len(data))

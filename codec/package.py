@@ -19,7 +19,7 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -27,6 +27,30 @@ from codec.errors import TruncatedPackageError
 from codec.header import DEFAULT_CHUNK_SIZE, SALT_SIZE, Header, Keys, Metadata, read_header
 from codec.stream import TAG_SIZE, ChunkOpener, ChunkSealer, stride
 from codec.wrap import DEK_SIZE, RSA_OAEP_256, Wrap, wrap_dek
+
+
+class ReadInto(Protocol):
+    """What `seal` reads plaintext from: anything with `readinto` (the hot path reads in place)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class Readable(ReadInto, Protocol):
+    """What packages are read from: a binary file or pipe."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Seekable(Readable, Protocol):
+    """A package read out of order (random access needs `seek`)."""
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
+class Writable(Protocol):
+    def write(self, data: memoryview | bytes, /) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,8 +96,8 @@ def new_package(
 
 
 def seal(
-    src: BinaryIO,
-    dst: BinaryIO,
+    src: ReadInto,
+    dst: Writable,
     header: Header,
     keys: Keys,
     *,
@@ -159,7 +183,7 @@ class Layout:
 class PackageReader:
     """Random access to an opened package in a seekable file. Only authenticated bytes come out."""
 
-    def __init__(self, f: BinaryIO, header: Header, keys: Keys, package_size: int) -> None:
+    def __init__(self, f: Seekable, header: Header, keys: Keys, package_size: int) -> None:
         self.header = header
         self.layout = Layout(header.size, header.chunk_size, package_size)
         self._f = f
@@ -202,7 +226,7 @@ class PackageReader:
             hi = min(offset + length - base, len(pt))
             yield pt[lo:hi]
 
-    def decrypt_to(self, dst: BinaryIO, offset: int = 0, length: int | None = None) -> int:
+    def decrypt_to(self, dst: Writable, offset: int = 0, length: int | None = None) -> int:
         """Write plaintext [offset, offset + length) to `dst`; return the bytes written."""
         written = 0
         for piece in self.iter_range(offset, length):
@@ -217,7 +241,7 @@ class PackageReader:
         return self.plaintext_size
 
 
-def open_package(f: BinaryIO, unwrapper: Unwrapper) -> PackageReader:
+def open_package(f: Seekable, unwrapper: Unwrapper) -> PackageReader:
     """Read and check the header of the package in seekable `f`, unwrap its DEK, and return a reader."""
     f.seek(0)
     header = read_header(f)
@@ -225,7 +249,7 @@ def open_package(f: BinaryIO, unwrapper: Unwrapper) -> PackageReader:
     return PackageReader(f, header, keys, _size_of(f))
 
 
-def decrypt_stream(src: BinaryIO, dst: BinaryIO, unwrapper: Unwrapper) -> tuple[Header, int]:
+def decrypt_stream(src: Readable, dst: Writable, unwrapper: Unwrapper) -> tuple[Header, int]:
     """Decrypt a package from a non-seekable stream to `dst`, in order; return (header, plaintext bytes).
 
     Each chunk is written only after it authenticated, but a failure later in the stream leaves the
@@ -251,7 +275,7 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, unwrapper: Unwrapper) -> tuple[
         cur, nxt, n, index = nxt, cur, m, index + 1
 
 
-def rewrap(src: BinaryIO, dst: BinaryIO, unwrapper: Unwrapper, recipients: Sequence[Recipient],
+def rewrap(src: Readable, dst: Writable, unwrapper: Unwrapper, recipients: Sequence[Recipient],
            *, keep_existing: bool = False) -> Header:
     """Copy the package in `src` to `dst` with its DEK wrapped to `recipients`; the body is untouched.
 
@@ -270,9 +294,9 @@ def rewrap(src: BinaryIO, dst: BinaryIO, unwrapper: Unwrapper, recipients: Seque
     return out
 
 
-def _size_of(f: BinaryIO) -> int:
+def _size_of(f: Seekable) -> int:
     try:
-        return os.fstat(f.fileno()).st_size
+        return os.fstat(f.fileno()).st_size  # type: ignore[attr-defined]
     except (AttributeError, OSError, ValueError):
         pos = f.tell()
         size = f.seek(0, os.SEEK_END)
@@ -280,11 +304,11 @@ def _size_of(f: BinaryIO) -> int:
         return size
 
 
-def _read_full(f: BinaryIO, buf: memoryview) -> int:
+def _read_full(f: ReadInto, buf: memoryview) -> int:
     """readinto until `buf` is full or the stream ends (pipes and sockets return short reads)."""
     got = 0
     while got < len(buf):
-        n = f.readinto(buf[got:])  # type: ignore[attr-defined]
+        n = f.readinto(buf[got:])
         if not n:
             break
         got += n
@@ -294,7 +318,7 @@ def _read_full(f: BinaryIO, buf: memoryview) -> int:
 class _Sink:
     """Writes sealed chunks to `dst` (optionally hashing them) on the calling thread."""
 
-    def __init__(self, dst: BinaryIO, size: int, digest: bool) -> None:
+    def __init__(self, dst: Writable, size: int, digest: bool) -> None:
         self._dst = dst
         self._sha = hashlib.sha256() if digest else None
         self._buf = memoryview(bytearray(size))
@@ -331,7 +355,7 @@ class _ThreadedSink(_Sink):
 
     BUFFERS = 4
 
-    def __init__(self, dst: BinaryIO, size: int, digest: bool) -> None:
+    def __init__(self, dst: Writable, size: int, digest: bool) -> None:
         super().__init__(dst, size, digest)
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for _ in range(self.BUFFERS):
@@ -376,7 +400,7 @@ class _ThreadedSink(_Sink):
         return super().close()
 
 
-def _write_all(dst: BinaryIO, view: memoryview) -> None:
+def _write_all(dst: Writable, view: memoryview) -> None:
     while view:
         n = dst.write(view)
         if n is None or n >= len(view):  # buffered writers write everything or raise

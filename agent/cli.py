@@ -1,0 +1,357 @@
+"""The `mediaseal` command line. Names are stable: scripts depend on them (DESIGN section 7).
+
+Expected failures (a tampered package, a wrong key, a missing file, bad config) print one line,
+`mediaseal: error: ...`, and exit 1; usage errors exit 2. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import secrets
+import sys
+import tempfile
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.hazmat.primitives import serialization
+
+import codec
+from keys import keyring as kr
+from keys import keyset as ks
+from keys.errors import KeysError
+
+EXIT_FAILURE = 1
+
+
+class CommandError(Exception):
+    """An expected failure of a command, reported as one line."""
+
+
+def new_recording_id(now: dt.datetime | None = None) -> str:
+    """A fresh, time-sortable id for a recording that has no stable identity of its own."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(8)}"
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from agent.run import run  # the daemon's imports (event loop, watcher) only for this command
+
+    run(args.config, args.log_format)
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    return kr.passphrase_from(os.environ, getattr(args, "passphrase_file", None))
+
+
+def cmd_keys_init(args: argparse.Namespace) -> None:
+    passphrase = _passphrase(args)
+    ring = kr.Keyring.init(args.keyring, passphrase, alg=args.alg)
+    if passphrase is None:
+        print(
+            f"mediaseal: warning: no passphrase given; private keys are protected by {ring.path}/master.key, "
+            "which protects them only as well as that file (fine for the embedded default, not for production)",
+            file=sys.stderr,
+        )
+    print(ring.current().kid)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> None:
+    ring = kr.Keyring.open(args.keyring)
+    print(ring.rotate(_passphrase(args)).kid)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    ring = kr.Keyring.open(args.keyring)
+    records = ring.records()
+    current = ring.current().kid
+    if args.json:
+        print(json.dumps([{**r.to_json(), "current": r.kid == current} for r in records], indent=2))
+        return
+    for r in records:
+        mark = "*" if r.kid == current else " "
+        print(f"{mark} {r.kid}  {r.alg:<13} {r.state:<12} {r.created_at}")
+
+
+def cmd_keys_publish(args: argparse.Namespace) -> None:
+    ring = kr.Keyring.open(args.keyring)
+    document = ring.publish(_passphrase(args), ttl_seconds=args.ttl)
+    out = Path(args.output)
+    _atomic_write_bytes(out, document)
+    signer_out = Path(args.signer_out) if args.signer_out else out.with_name("signer.pem")
+    signer_pem = ring.signer.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    _atomic_write_bytes(signer_out, signer_pem)
+    print(f"{out} (signer: {signer_out})")
+
+
+# -- packages --------------------------------------------------------------------------------------
+
+
+def _recipient(args: argparse.Namespace) -> codec.Recipient:
+    if args.keyring:
+        return kr.Keyring.open(args.keyring).recipient()
+    if args.keyset:
+        if not args.signer:
+            raise CommandError("--keyset needs --signer (the key set signer's public key)")
+        signer = ks.load_signer(_read_file(args.signer))
+        return ks.verify_keyset(_read_file(args.keyset), signer).recipient()
+    raise CommandError("encrypt needs --keyring DIR or --keyset FILE --signer FILE")
+
+
+def cmd_encrypt(args: argparse.Namespace) -> None:
+    recipient = _recipient(args)
+    name = "" if args.input == "-" else Path(args.input).name
+    metadata = codec.Metadata(
+        recording_id=args.recording_id or new_recording_id(),
+        kind=args.kind,
+        content_type=args.content_type,
+        original_name=name,
+        captured_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        agent_id=args.agent_id,
+    )
+    header, keys = codec.new_package(metadata, [recipient], args.chunk_size)
+    with _open_in(args.input) as src, _atomic_out(args.output) as dst:
+        codec.seal(src, dst, header, keys)
+    print(metadata.recording_id, file=sys.stderr)
+
+
+def _unwrapper(args: argparse.Namespace) -> codec.Unwrapper:
+    if args.keyring:
+        return kr.Keyring.open(args.keyring).unlock(_passphrase(args))
+    raise CommandError("decrypting needs a key provider: --keyring DIR")
+
+
+def cmd_decrypt(args: argparse.Namespace) -> None:
+    if args.length is not None and args.offset is None:
+        args.offset = 0
+    unwrapper = _unwrapper(args)
+    with _open_in(args.input) as src:
+        if not _seekable(src):
+            if args.offset is not None:
+                raise CommandError("--offset/--length need a seekable input (a file, not a pipe)")
+            with _atomic_out(args.output) as dst:
+                codec.decrypt_stream(src, dst, unwrapper)
+            return
+        reader = codec.open_package(src, unwrapper)
+        with _atomic_out(args.output) as dst:
+            reader.decrypt_to(dst, args.offset or 0, args.length)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    with _open_in(args.input) as src:
+        reader = codec.open_package(src, _unwrapper(args))
+        size = reader.verify()
+    print(f"ok: {reader.header.metadata.recording_id}, {size} bytes, {reader.layout.chunks} chunks authenticated")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    with _open_in(args.input) as src:
+        header = codec.read_header(src)
+        size = _size(src)
+    layout = codec.Layout(header.size, header.chunk_size, size) if size is not None else None
+    doc = {
+        "format_version": 1,
+        "metadata": header.metadata.__dict__,
+        "chunk_size": header.chunk_size,
+        "header_size": header.size,
+        "package_size": size,
+        "plaintext_size": layout.plaintext_size if layout else None,
+        "chunks": layout.chunks if layout else None,
+        "wraps": [{"kid": w.kid, "alg": w.alg} for w in header.wraps],
+        "authenticated": False,  # inspect holds no key: nothing here has been checked
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    m = header.metadata
+    print("mediaseal package, format version 1 (unauthenticated view: use 'verify' to check it)")
+    print(f"  recording  {m.recording_id}  kind={m.kind}  type={m.content_type}")
+    print(f"  original   {m.original_name or '-'}  captured {m.captured_at or '-'}  agent {m.agent_id or '-'}")
+    print(f"  chunks     {doc['chunks']} x {header.chunk_size} B, "
+          f"plaintext {doc['plaintext_size']} B, package {size} B")
+    for w in header.wraps:
+        print(f"  wrap       {w.kid}  {w.alg}")
+
+
+# -- plumbing --------------------------------------------------------------------------------------
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def _open_in(path: str) -> Iterator[io.BufferedReader]:
+    if path == "-":
+        yield typing.cast(io.BufferedReader, sys.stdin.buffer)
+        return
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def _atomic_out(path: str) -> Iterator[BinaryIO]:
+    """Write to a temp file beside `path` and rename it into place only if the block succeeds.
+
+    So a failed decryption (tampered, truncated, wrong key) leaves no output file at all.
+    """
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_out(str(path)) as f:
+        f.write(data)
+
+
+def _seekable(f: BinaryIO) -> bool:
+    try:
+        return f.seekable()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _size(f: BinaryIO) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size if _seekable(f) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _chunk_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
+    if value & (value - 1) or not 256 <= value <= 16 << 20:
+        raise argparse.ArgumentTypeError("chunk size must be a power of two from 256 B to 16 MiB")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mediaseal", description="Encrypt recordings into .mseal packages.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_: str,
+            parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        return sp
+
+    def keyring_opts(sp: argparse.ArgumentParser, required: bool = True) -> None:
+        sp.add_argument("--keyring", required=required, metavar="DIR", help="keyring directory")
+        sp.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                        help="file holding the keyring passphrase (else $MEDIASEAL_KEYRING_PASSPHRASE)")
+
+    sp = add("run", cmd_run, "run the agent (no --config: embedded default under ./mediaseal-data/)")
+    sp.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: the embedded default)")
+    sp.add_argument("--log-format", choices=("text", "json"), help="overrides [agent] log_format")
+
+    keys_p = sub.add_parser("keys", help="manage key-encryption keys (KEKs)")
+    ksub = keys_p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    sp = add("init", cmd_keys_init, "create a keyring with a new RSA-3072 KEK; prints its kid", ksub)
+    keyring_opts(sp)
+    sp.add_argument("--alg", default=codec.RSA_OAEP_256, choices=codec.WRAP_ALGORITHMS)
+    sp = add("rotate", cmd_keys_rotate, "make a new current KEK now; the previous one becomes decrypt-only", ksub)
+    keyring_opts(sp)
+    sp = add("list", cmd_keys_list, "list the keyring's keys (* marks the current one)", ksub)
+    keyring_opts(sp)
+    sp.add_argument("--json", action="store_true")
+    sp = add("publish", cmd_keys_publish, "write the signed key set document and the signer's public key", ksub)
+    keyring_opts(sp)
+    sp.add_argument("-o", "--output", required=True, metavar="FILE")
+    sp.add_argument("--signer-out", metavar="FILE",
+                    help="where the signer's public key goes (default: signer.pem beside -o)")
+    sp.add_argument("--ttl", type=int, default=30 * 86400, metavar="SECONDS", help="validity of the key set")
+
+    sp = add("encrypt", cmd_encrypt, "encrypt a file (or - for stdin) into a .mseal package")
+    sp.add_argument("input", metavar="IN")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT")
+    sp.add_argument("--keyring", metavar="DIR", help="encrypt to the keyring's current public key")
+    sp.add_argument("--keyset", metavar="FILE", help="encrypt to the current key of a signed key set")
+    sp.add_argument("--signer", metavar="FILE", help="the key set signer's public key (PEM), with --keyset")
+    sp.add_argument("--recording-id", metavar="ID")
+    sp.add_argument("--kind", default="call", choices=codec.KINDS)
+    sp.add_argument("--content-type", default="application/octet-stream")
+    sp.add_argument("--agent-id", default="")
+    sp.add_argument("--chunk-size", type=_chunk_size, default=codec.DEFAULT_CHUNK_SIZE)
+
+    sp = add("decrypt", cmd_decrypt, "decrypt a package; OUT appears only if every chunk authenticated")
+    sp.add_argument("input", metavar="IN")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, or - for stdout")
+    keyring_opts(sp, required=False)
+    sp.add_argument("--offset", type=_count, metavar="N", help="first plaintext byte to decrypt")
+    sp.add_argument("--length", type=_count, metavar="M", help="number of plaintext bytes to decrypt")
+
+    sp = add("verify", cmd_verify, "authenticate a whole package, writing nothing")
+    sp.add_argument("input", metavar="IN")
+    keyring_opts(sp, required=False)
+
+    sp = add("inspect", cmd_inspect, "show a package's header (no keys needed; nothing is authenticated)")
+    sp.add_argument("input", metavar="IN")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CommandError, codec.CodecError, KeysError) as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

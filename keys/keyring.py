@@ -1,0 +1,568 @@
+"""The managed keyring: mediaseal's own KEKs in a directory, private halves encrypted at rest.
+
+>>> kr = Keyring.init(Path("keyring"), passphrase_from(os.environ, None))   # RSA-3072 KEK + Ed25519 signer
+>>> kr = Keyring.open(Path("keyring"))          # public side only: what the encrypting agent uses
+>>> header, keys = codec.new_package(metadata, [kr.recipient()])
+>>> kr.rotate(passphrase)                       # new current key; the old one becomes decrypt-only
+>>> reader = codec.open_package(f, kr.unlock(passphrase))
+>>> document = kr.publish(passphrase, ttl_seconds=86400)   # the signed key set for agents
+
+On disk (directories 0700, files 0600, every write atomic: temp file, fsync, rename, fsync directory):
+    keyring.json          key records, the current kid, protection mode, signer id, last key set serial
+    public/<kid>.pem      RSA public keys (SubjectPublicKeyInfo)
+    private/<kid>.json    protected PKCS#8 DER private keys (envelopes from keys.protect)
+    private/signer.json   the protected Ed25519 signing key;  signer.pem: its public key
+    master.key            32 random bytes, only when no passphrase was given at init
+    keyring.lock          flock'ed by every change, so two custodians can't lose each other's update
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from codec import RSA_OAEP_256, WRAP_ALGORITHMS, AuthenticationError, NoMatchingKeyError, Recipient, Wrap, unwrap_dek
+from keys.errors import (
+    KeyringExistsError,
+    KeyringFormatError,
+    KeyringLockedError,
+    KeyringNotFoundError,
+    KeyStateError,
+    PassphraseRequiredError,
+    PassphraseSourceError,
+    UnknownKeyError,
+)
+from keys.jwk import KID_PATTERN, thumbprint
+from keys.keyset import (
+    ACTIVE,
+    DECRYPT_ONLY,
+    DEFAULT_TTL_SECONDS,
+    ENCRYPTABLE_STATES,
+    PENDING,
+    RETIRED,
+    STATES,
+    KeySetKey,
+    build_keyset,
+    format_time,
+    parse_time,
+    signer_id,
+)
+from keys.protect import MASTER_KEY_SIZE, MasterKeyProtector, PassphraseProtector, Protector, key_aad
+
+FORMAT = "mediaseal-keyring/1"
+PASSPHRASE, MASTER_KEY = "passphrase", "master-key"
+PROTECTIONS = (PASSPHRASE, MASTER_KEY)
+PASSPHRASE_ENV = "MEDIASEAL_KEYRING_PASSPHRASE"  # noqa: S105  # a variable name, not a secret
+KEK_BITS, KEK_EXPONENT = 3072, 65537
+KEK_PURPOSE, SIGNER_PURPOSE = "kek", "signer"
+
+_KEYRING_JSON, _MASTER_KEY, _SIGNER_PEM, _LOCK = "keyring.json", "master.key", "signer.pem", "keyring.lock"
+_PUBLIC, _PRIVATE, _SIGNER_PRIVATE = "public", "private", "signer.json"
+_TIMES = ("activated_at", "deactivated_at", "retired_at")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One KEK's record in keyring.json. Timestamps are RFC 3339 UTC strings."""
+
+    kid: str
+    alg: str
+    state: str
+    created_at: str
+    activated_at: str | None = None
+    deactivated_at: str | None = None  # when it became decrypt-only
+    retired_at: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        out = {"kid": self.kid, "alg": self.alg, "state": self.state, "created_at": self.created_at}
+        out.update({name: value for name in _TIMES if (value := getattr(self, name)) is not None})
+        return out
+
+    @classmethod
+    def from_json(cls, d: object) -> KeyRecord:
+        if not isinstance(d, dict) or not {"kid", "alg", "state", "created_at"} <= set(d) <= {
+            "kid", "alg", "state", "created_at", *_TIMES,
+        }:
+            raise KeyringFormatError("keyring.json: a key record has missing or unknown members")
+        kid = d["kid"]
+        # kids become file names: only a thumbprint-shaped kid may reach the file system.
+        if not isinstance(kid, str) or not KID_PATTERN.fullmatch(kid):
+            raise KeyringFormatError(f"keyring.json: kid {kid!r} is not a SHA-256 JWK thumbprint")
+        if d["alg"] not in WRAP_ALGORITHMS or d["state"] not in STATES:
+            raise KeyringFormatError(f"keyring.json: key {kid} has alg {d['alg']!r}, state {d['state']!r}")
+        try:
+            for name in ("created_at", *_TIMES):
+                if name in d:
+                    parse_time(d[name])
+        except ValueError:
+            raise KeyringFormatError(f"keyring.json: key {kid} has a malformed timestamp") from None
+        return cls(**d)
+
+
+def generate_kek() -> rsa.RSAPrivateKey:
+    """A new RSA-3072 (e=65537) key-encryption key."""
+    return rsa.generate_private_key(public_exponent=KEK_EXPONENT, key_size=KEK_BITS)
+
+
+def passphrase_from(env: Mapping[str, str], passphrase_file: Path | None) -> bytes | None:
+    """The keyring passphrase: from `passphrase_file` if given, else $MEDIASEAL_KEYRING_PASSPHRASE, else None.
+
+    One trailing newline in the file is dropped (editors add it). An empty file is an error; an empty
+    variable counts as unset.
+    """
+    if passphrase_file is not None:
+        try:
+            data = passphrase_file.read_bytes()
+        except OSError as e:
+            raise PassphraseSourceError(f"can't read passphrase file {passphrase_file}: {e.strerror}") from None
+        data = data.removesuffix(b"\n").removesuffix(b"\r")
+        if not data:
+            raise PassphraseSourceError(f"passphrase file {passphrase_file} is empty")
+        return data
+    value = env.get(PASSPHRASE_ENV)
+    return value.encode("utf-8", "surrogateescape") if value else None
+
+
+class Keyring:
+    """A keyring directory. `open` reads only public material; secrets are needed only to change or use keys."""
+
+    def __init__(self, path: Path) -> None:
+        """Open the keyring at `path` (same as `Keyring.open`)."""
+        self.path = Path(path)
+        self._load()
+
+    @classmethod
+    def open(cls, path: Path) -> Keyring:
+        """Load keyring.json and the public keys. Never needs, or reads, a secret."""
+        return cls(path)
+
+    @classmethod
+    def init(cls, path: Path, passphrase: bytes | None, *, alg: str = RSA_OAEP_256) -> Keyring:
+        """Create a keyring with one RSA-3072 KEK (current, active) and an Ed25519 key set signer.
+
+        With `passphrase` None the keys are protected by a random master.key inside the keyring,
+        which protects them only as well as that file is protected.
+        """
+        if alg not in WRAP_ALGORITHMS:
+            raise ValueError(f"alg must be one of {', '.join(WRAP_ALGORITHMS)}")
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise KeyringExistsError(f"{path} exists and is not an empty directory; refusing to create a keyring")
+        for d in (path, path / _PUBLIC, path / _PRIVATE):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+        protector: Protector
+        if passphrase is not None:
+            protector, protection = PassphraseProtector(passphrase), PASSPHRASE
+        else:
+            master = secrets.token_bytes(MASTER_KEY_SIZE)
+            _write_atomic(path / _MASTER_KEY, master)
+            protector, protection = MasterKeyProtector(master), MASTER_KEY
+        signer = ed25519.Ed25519PrivateKey.generate()
+        sid = signer_id(signer.public_key())
+        _write_json(path / _PRIVATE / _SIGNER_PRIVATE, protector.seal(_pkcs8(signer), key_aad(SIGNER_PURPOSE, sid)))
+        _write_atomic(path / _SIGNER_PEM, _spki_pem(signer.public_key()))
+        kek = generate_kek()
+        kid = thumbprint(kek.public_key())
+        _store_kek(path, kid, kek, protector)
+        now = _now()
+        doc = {
+            "format": FORMAT,
+            "protection": protection,
+            "current": kid,
+            "serial": 0,
+            "keys": [KeyRecord(kid, alg, ACTIVE, now, activated_at=now).to_json()],
+            "signer": {"id": sid, "alg": "Ed25519", "created_at": now},
+        }
+        # keyring.json last: it is the commit point; a crash before it leaves no keyring, only files.
+        _write_json(path / _KEYRING_JSON, doc)
+        _fsync_dir(path.parent)
+        return cls(path)
+
+    # -- public side ---------------------------------------------------------------------------
+
+    @property
+    def protection(self) -> str:
+        """"passphrase" or "master-key": whether the private side needs a passphrase."""
+        return self._protection
+
+    @property
+    def signer(self) -> ed25519.Ed25519PublicKey:
+        """The key set signer's public key (what agents pin; also in signer.pem)."""
+        return self._signer
+
+    @property
+    def signer_id(self) -> str:
+        return self._signer_id
+
+    @property
+    def serial(self) -> int:
+        """The serial of the last key set published from this keyring (0: none yet)."""
+        return self._serial
+
+    def signer_pem(self) -> bytes:
+        """The signer's public key as SubjectPublicKeyInfo PEM (the bytes agents pin)."""
+        return _spki_pem(self._signer)
+
+    def records(self) -> list[KeyRecord]:
+        """All key records, oldest first."""
+        return list(self._records.values())
+
+    def record(self, kid: str) -> KeyRecord:
+        try:
+            return self._records[kid]
+        except KeyError:
+            raise UnknownKeyError(f"no key {kid} in keyring {self.path}") from None
+
+    def current(self) -> KeyRecord:
+        """The one current (active) key: the one new packages are sealed to."""
+        return self._records[self._current]
+
+    def public_key(self, kid: str) -> rsa.RSAPublicKey:
+        self.record(kid)
+        return self._public[kid]
+
+    def recipient(self, kid: str | None = None) -> Recipient:
+        """The codec recipient for the current key, or for `kid` (pending or active only)."""
+        rec = self.record(self._current if kid is None else kid)
+        if rec.state not in ENCRYPTABLE_STATES:
+            raise KeyStateError(f"key {rec.kid} is {rec.state}: nothing new may be sealed to it")
+        return Recipient(kid=rec.kid, public_key=self._public[rec.kid], alg=rec.alg)
+
+    # -- changes (each under the keyring lock, each ending in one atomic keyring.json write) ----
+
+    def rotate(self, passphrase: bytes | None, *, pending: bool = False, alg: str | None = None) -> KeyRecord:
+        """Add a new RSA-3072 KEK (alg defaults to the current key's).
+
+        Immediate: it becomes current and active, the previous current becomes decrypt-only.
+        `pending=True`: it is only added as pending (publish, let agents warm up, then `activate`).
+        """
+        if alg is not None and alg not in WRAP_ALGORITHMS:
+            raise ValueError(f"alg must be one of {', '.join(WRAP_ALGORITHMS)}")
+        protector = self._protector(passphrase)
+        # Check the secret before sealing anything under it: a mistyped passphrase must not
+        # become the only one that opens the new key.
+        self._open_signer(protector)
+        kek = generate_kek()  # slow; outside the lock
+        kid = thumbprint(kek.public_key())
+        with self._locked():
+            if kid in self._records:
+                raise KeyStateError(f"key {kid} is already in keyring {self.path}")
+            _store_kek(self.path, kid, kek, protector)  # files first; keyring.json commits them
+            now = _now()
+            new = KeyRecord(kid, alg or self.current().alg, PENDING if pending else ACTIVE, now,
+                            activated_at=None if pending else now)
+            records = list(self._records.values())
+            if not pending:
+                records = [self._demoted(r, now) if r.kid == self._current else r for r in records]
+            self._commit([*records, new], current=self._current if pending else kid)
+        return new
+
+    def activate(self, kid: str, passphrase: bytes | None) -> KeyRecord:
+        """Make a pending (or decrypt-only: roll back) key current; the old current becomes decrypt-only.
+
+        Needs the secret because the key's private half is opened first: a key nobody can
+        decrypt with must never become the one new packages are sealed to.
+        """
+        protector = self._protector(passphrase)
+        with self._locked():
+            rec = self.record(kid)
+            if kid == self._current:
+                return rec
+            if rec.state not in (PENDING, DECRYPT_ONLY):
+                raise KeyStateError(f"key {kid} is {rec.state}; retired keys can't come back")
+            self._load_private(kid, protector)
+            now = _now()
+            new = replace(rec, state=ACTIVE, activated_at=now, deactivated_at=None)
+            records = [new if r.kid == kid else self._demoted(r, now) if r.kid == self._current else r
+                       for r in self._records.values()]
+            self._commit(records, current=kid)
+        return new
+
+    def set_state(self, kid: str, state: str) -> KeyRecord:
+        """Move a non-current key to decrypt-only or retired. Retired is final; use `activate` for active."""
+        if state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}")
+        with self._locked():
+            rec = self.record(kid)
+            if rec.state == state:
+                return rec
+            if rec.state == RETIRED:
+                raise KeyStateError(f"key {kid} is retired; retired keys can't come back")
+            if kid == self._current:
+                raise KeyStateError(f"key {kid} is current; activate another key first")
+            if state == ACTIVE:
+                raise KeyStateError(f"key {kid}: use activate() to make a key current")
+            if state == PENDING:
+                raise KeyStateError(f"key {kid} is {rec.state}; a key can't go back to pending")
+            now = _now()
+            new = replace(rec, state=RETIRED, retired_at=now) if state == RETIRED else self._demoted(rec, now)
+            self._commit([new if r.kid == kid else r for r in self._records.values()], current=self._current)
+        return new
+
+    def publish(self, passphrase: bytes | None, *, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> bytes:
+        """The signed key set document (retired keys left out), with the next serial."""
+        signer = self._open_signer(self._protector(passphrase))
+        with self._locked():
+            keys = [KeySetKey(r.kid, r.alg, r.state, self._public[r.kid])
+                    for r in self._records.values() if r.state != RETIRED]
+            serial = self._serial + 1
+            document = build_keyset(keys, self._current, serial, signer, ttl_seconds=ttl_seconds)
+            # The serial is stored before the document leaves, so no two documents share one.
+            self._commit(list(self._records.values()), current=self._current, serial=serial)
+        return document
+
+    def unlock(self, passphrase: bytes | None) -> KeyringUnwrapper:
+        """An Unwrapper over this keyring's private keys. Checks the secret now, on the current key."""
+        unwrapper = KeyringUnwrapper(self, self._protector(passphrase))
+        unwrapper.private_key(self._current)
+        return unwrapper
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _protector(self, passphrase: bytes | None) -> Protector:
+        if self._protection == PASSPHRASE:
+            if not passphrase:
+                raise PassphraseRequiredError(
+                    f"keyring {self.path} is passphrase-protected: set {PASSPHRASE_ENV} or give a passphrase file")
+            return PassphraseProtector(passphrase)
+        # master-key mode: a passphrase, if one happens to be set, plays no part.
+        try:
+            master = (self.path / _MASTER_KEY).read_bytes()
+        except OSError as e:
+            raise KeyringLockedError(f"keyring {self.path}: can't read {_MASTER_KEY}: {e.strerror}") from None
+        if len(master) != MASTER_KEY_SIZE:
+            raise KeyringLockedError(f"keyring {self.path}: {_MASTER_KEY} is not {MASTER_KEY_SIZE} bytes")
+        return MasterKeyProtector(master)
+
+    def _open_signer(self, protector: Protector) -> ed25519.Ed25519PrivateKey:
+        envelope = _read_json(self.path / _PRIVATE / _SIGNER_PRIVATE)
+        der = self._open(protector, envelope, key_aad(SIGNER_PURPOSE, self._signer_id))
+        key = serialization.load_der_private_key(der, password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey) or signer_id(key.public_key()) != self._signer_id:
+            raise KeyringFormatError(f"keyring {self.path}: the protected signer key does not match signer.pem")
+        return key
+
+    def _load_private(self, kid: str, protector: Protector) -> rsa.RSAPrivateKey:
+        envelope = _read_json(self.path / _PRIVATE / f"{kid}.json")
+        der = self._open(protector, envelope, key_aad(KEK_PURPOSE, kid))
+        key = serialization.load_der_private_key(der, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey) or thumbprint(key.public_key()) != kid:
+            raise KeyringFormatError(f"keyring {self.path}: private key for {kid} does not match its kid")
+        return key
+
+    def _open(self, protector: Protector, envelope: Any, aad: bytes) -> bytes:
+        try:
+            return protector.open(envelope, aad)
+        except KeyringLockedError as e:
+            raise type(e)(f"keyring {self.path}: {e}") from None
+
+    @staticmethod
+    def _demoted(rec: KeyRecord, now: str) -> KeyRecord:
+        return replace(rec, state=DECRYPT_ONLY, deactivated_at=now)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._load()  # another process may have changed the keyring since we read it
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _commit(self, records: Sequence[KeyRecord], *, current: str, serial: int | None = None) -> None:
+        _check_records(records, current, self.path)
+        doc = {
+            "format": FORMAT,
+            "protection": self._protection,
+            "current": current,
+            "serial": self._serial if serial is None else serial,
+            "keys": [r.to_json() for r in records],
+            "signer": self._signer_doc,
+        }
+        _write_json(self.path / _KEYRING_JSON, doc)
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            raw = (self.path / _KEYRING_JSON).read_bytes()
+        except FileNotFoundError:
+            raise KeyringNotFoundError(
+                f"no keyring at {self.path} (no {_KEYRING_JSON}; if init was interrupted, remove it and init again)"
+            ) from None
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or set(doc) != {"format", "protection", "current", "serial", "keys", "signer"}:
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: missing or unknown members")
+        if doc["format"] != FORMAT:
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: unknown format {doc['format']!r}")
+        if doc["protection"] not in PROTECTIONS:
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: unknown protection {doc['protection']!r}")
+        serial, signer_doc = doc["serial"], doc["signer"]
+        if not isinstance(serial, int) or isinstance(serial, bool) or serial < 0:
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: serial must be a non-negative integer")
+        if not isinstance(doc["keys"], list):
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: keys must be a list")
+        records = [KeyRecord.from_json(r) for r in doc["keys"]]
+        _check_records(records, doc["current"], self.path)
+        if not isinstance(signer_doc, dict) or not isinstance(signer_doc.get("id"), str):
+            raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: signer must name its id")
+        public = {r.kid: _load_public(self.path / _PUBLIC / f"{r.kid}.pem", r.kid) for r in records}
+        signer = _load_signer_pem(self.path / _SIGNER_PEM)
+        if signer_id(signer) != signer_doc["id"]:
+            raise KeyringFormatError(f"keyring {self.path}: signer.pem does not match the signer id in keyring.json")
+        self._protection: str = doc["protection"]
+        self._current: str = doc["current"]
+        self._serial: int = serial
+        self._records = {r.kid: r for r in records}
+        self._public = public
+        self._signer = signer
+        self._signer_id: str = signer_doc["id"]
+        self._signer_doc: dict[str, Any] = signer_doc
+
+
+class KeyringUnwrapper:
+    """codec's Unwrapper over a keyring's private keys, opened on first use and then kept in memory.
+
+    >>> reader = codec.open_package(f, keyring.unlock(passphrase))
+    """
+
+    def __init__(self, keyring: Keyring, protector: Protector) -> None:
+        self._keyring = keyring
+        self._protector = protector
+        self._keys: dict[str, rsa.RSAPrivateKey] = {}
+
+    def __repr__(self) -> str:
+        return f"KeyringUnwrapper({str(self._keyring.path)!r})"
+
+    def private_key(self, kid: str) -> rsa.RSAPrivateKey:
+        """The private KEK `kid` (any state), opening it with the keyring's secret if not yet open."""
+        if kid not in self._keys:
+            self._keyring.record(kid)
+            self._keys[kid] = self._keyring._load_private(kid, self._protector)
+        return self._keys[kid]
+
+    def unwrap(self, wraps: Sequence[Wrap]) -> bytes:
+        """The DEK from the first wrap for a key held here that is not retired and has the wrap's alg."""
+        failure: AuthenticationError | None = None
+        notes = []
+        for w in wraps:
+            rec = self._keyring._records.get(w.kid)
+            if rec is None:
+                notes.append(w.kid)
+            elif rec.state == RETIRED:
+                notes.append(f"{w.kid} (retired)")
+            elif rec.alg != w.alg:  # a key is only ever used with its own algorithm, never inferred
+                notes.append(f"{w.kid} (wrap is {w.alg}, key is {rec.alg})")
+            else:
+                try:
+                    return unwrap_dek(w, self.private_key(w.kid))
+                except AuthenticationError as e:
+                    failure = e
+        if failure is not None:
+            raise failure
+        raise NoMatchingKeyError(
+            f"no usable key in keyring {self._keyring.path} for the package's wraps: {', '.join(notes) or 'none'}")
+
+
+def _check_records(records: Sequence[KeyRecord], current: object, path: Path) -> None:
+    """The keyring's invariants: unique kids, exactly one active key, and it is the current one."""
+    kids = [r.kid for r in records]
+    if len(set(kids)) != len(kids):
+        raise KeyringFormatError(f"keyring {path}: a kid appears twice")
+    active = [r.kid for r in records if r.state == ACTIVE]
+    if not isinstance(current, str) or active != [current]:
+        raise KeyringFormatError(f"keyring {path}: current {current!r} must be the one active key (active: {active})")
+
+
+def _load_public(path: Path, kid: str) -> rsa.RSAPublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise KeyringFormatError(f"public key file {path} is missing") from None
+    except ValueError:
+        raise KeyringFormatError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, rsa.RSAPublicKey) or thumbprint(key) != kid:
+        raise KeyringFormatError(f"{path} does not hold the RSA key {kid}")  # the kid is recomputed, never trusted
+    return key
+
+
+def _load_signer_pem(path: Path) -> ed25519.Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        raise KeyringFormatError(f"{path} is missing or not a PEM public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise KeyringFormatError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def _store_kek(path: Path, kid: str, kek: rsa.RSAPrivateKey, protector: Protector) -> None:
+    _write_json(path / _PRIVATE / f"{kid}.json", protector.seal(_pkcs8(kek), key_aad(KEK_PURPOSE, kid)))
+    _write_atomic(path / _PUBLIC / f"{kid}.pem", _spki_pem(kek.public_key()))
+
+
+def _pkcs8(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _spki_pem(key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _now() -> str:
+    return format_time(datetime.now(UTC))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise KeyringFormatError(f"{path} is missing") from None
+    except ValueError:
+        raise KeyringFormatError(f"{path} is not valid JSON") from None
+
+
+def _write_json(path: Path, obj: object) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (mode 0600) so that a crash leaves the old file or the new, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
