@@ -91,14 +91,30 @@ class Metadata:
     @classmethod
     def decode(cls, core: bytes) -> Metadata:
         try:
-            doc = json.loads(core.decode("utf-8"))
+            doc = json.loads(core.decode("utf-8"), object_pairs_hook=_unique_members)
         except (UnicodeDecodeError, ValueError, RecursionError):
-            raise MalformedPackageError("header metadata is not UTF-8 JSON") from None
+            raise MalformedPackageError("header metadata is not UTF-8 JSON with unique members") from None
         if not isinstance(doc, dict) or set(doc) != set(_META_FIELDS):
             raise MalformedPackageError("header metadata does not have exactly the version-1 fields")
         if not all(isinstance(v, str) for v in doc.values()):
             raise MalformedPackageError("header metadata values must be strings")
+        try:
+            for v in doc.values():
+                v.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON escapes can spell lone surrogates, which are not text: refuse them here rather
+            # than let them blow up whoever prints or re-encodes the metadata later.
+            raise MalformedPackageError("header metadata holds an unpaired surrogate") from None
         return cls(**doc)
+
+
+def _unique_members(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Parsers disagree on which duplicate wins; two readers of the same authenticated bytes must
+    # never see two different recording ids, so duplicates are malformed.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate member")
+    return doc
 
 
 @dataclass(frozen=True)

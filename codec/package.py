@@ -148,6 +148,8 @@ class Layout:
         if body < TAG_SIZE:
             raise TruncatedPackageError("package has no final chunk")
         last = body - (self.chunks - 1) * self.stride
+        if last < TAG_SIZE:
+            raise TruncatedPackageError("package ends inside a chunk's tag")
         if self.chunks > 1 and last == TAG_SIZE:
             raise TruncatedPackageError("package ends with an empty chunk after a full one")
 
@@ -209,14 +211,19 @@ class PackageReader:
             self._final_checked = True
         return self._pt[:n]
 
-    def iter_range(self, offset: int = 0, length: int | None = None) -> Iterator[memoryview]:
-        """Plaintext bytes [offset, offset + length), chunk by chunk.
+    def iter_range(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Plaintext bytes [offset, offset + length), chunk by chunk (each piece its own bytes).
 
         The final chunk is authenticated first when the range does not reach it, so a package cut
         short at a chunk boundary can't pass as a shorter recording.
         """
+        for view in self._views(offset, length):
+            yield bytes(view)
+
+    def _views(self, offset: int, length: int | None) -> Iterator[memoryview]:
+        # Views into one reused buffer: each is valid only until the next is produced.
         if length is None:
-            length = self.plaintext_size - offset
+            length = max(0, self.plaintext_size - offset)
         if not self._final_checked:
             self.chunk(self.layout.chunks - 1)
         for i in self.layout.chunks_for(offset, length):
@@ -229,7 +236,7 @@ class PackageReader:
     def decrypt_to(self, dst: Writable, offset: int = 0, length: int | None = None) -> int:
         """Write plaintext [offset, offset + length) to `dst`; return the bytes written."""
         written = 0
-        for piece in self.iter_range(offset, length):
+        for piece in self._views(offset, length):
             dst.write(piece)
             written += len(piece)
         return written
@@ -262,11 +269,17 @@ def decrypt_stream(src: Readable, dst: Writable, unwrapper: Unwrapper) -> tuple[
     cur, nxt = memoryview(bytearray(size)), memoryview(bytearray(size))
     pt = memoryview(bytearray(header.chunk_size))
     n, index, total = _read_full(src, cur), 0, 0
+    if n < TAG_SIZE:
+        raise TruncatedPackageError("package has no final chunk")
     while True:
         m = _read_full(src, nxt) if n == size else 0
-        last = m == 0
-        if last and index > 0 and n == TAG_SIZE:
+        # The same layout rules as `Layout`, applied while reading ahead: what follows a full
+        # chunk is either nothing, or a chunk with at least one byte of plaintext.
+        if 0 < m < TAG_SIZE:
+            raise TruncatedPackageError("package ends inside a chunk's tag")
+        if m == TAG_SIZE:
             raise TruncatedPackageError("package ends with an empty chunk after a full one")
+        last = m == 0
         k = opener.open_into(index, cur[:n], pt, last)
         dst.write(pt[:k])
         total += k

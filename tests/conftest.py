@@ -1,0 +1,69 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+# --- codec tests: test-only KEKs and an unwrapper over them (independent of keys/) -------------------
+
+
+@dataclass(frozen=True)
+class CodecTestKek:
+    """A throwaway RSA KEK: its kid is the RFC 7638 thumbprint, as docs/FORMAT.md §4.3 says."""
+
+    kid: str
+    private_key: rsa.RSAPrivateKey
+
+    @property
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self.private_key.public_key()
+
+
+class CodecTestKeyring:
+    """codec.Unwrapper over private keys held in memory: the first wrap whose kid it holds."""
+
+    def __init__(self, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+        self.keys = keys
+        self.calls = 0
+
+    def unwrap(self, wraps: Sequence[object]) -> bytes:
+        import codec
+
+        self.calls += 1
+        for w in wraps:
+            assert isinstance(w, codec.Wrap)
+            if w.kid in self.keys:
+                return codec.unwrap_dek(w, self.keys[w.kid])
+        raise codec.NoMatchingKeyError("no wrap for a key this test keyring holds")
+
+
+def _new_kek() -> CodecTestKek:
+    import independent_decoder
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    return CodecTestKek(independent_decoder.thumbprint(key.public_key()), key)
+
+
+@pytest.fixture(scope="module")
+def codec_kek() -> CodecTestKek:
+    """A fresh RSA-3072 KEK, made once per test module (key generation is slow)."""
+    return _new_kek()
+
+
+@pytest.fixture(scope="module")
+def codec_kek2() -> CodecTestKek:
+    return _new_kek()
+
+
+@pytest.fixture(scope="module")
+def codec_keyring() -> Callable[..., CodecTestKeyring]:
+    """make(kek, ...) -> an unwrapper holding those KEKs; `extra` maps more kids to keys (odd pairings)."""
+
+    def make(*keks: CodecTestKek, extra: dict[str, rsa.RSAPrivateKey] | None = None) -> CodecTestKeyring:
+        return CodecTestKeyring({k.kid: k.private_key for k in keks} | (extra or {}))
+
+    return make
