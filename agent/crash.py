@@ -1,0 +1,28 @@
+"""Named crash points for the crash-safety tests: `MEDIASEAL_CRASH_AT=<point>[:<n>]` makes the agent
+`os._exit` the n-th time (default first) it reaches that point, as abruptly as a SIGKILL would.
+
+Points: mid-encrypt, after-staging-fsync, after-commit, after-delivery.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+CRASH_EXIT = 86
+POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery")
+
+_spec = os.environ.get("MEDIASEAL_CRASH_AT", "")
+_name, _, _nth = _spec.partition(":")
+_remaining = int(_nth) if _nth.isdigit() else 1
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    global _remaining
+    if name != _name:
+        return
+    with _lock:
+        _remaining -= 1
+        if _remaining <= 0:
+            os._exit(CRASH_EXIT)

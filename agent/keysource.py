@@ -1,0 +1,102 @@
+"""The public KEK new packages are wrapped to, kept fresh. The agent holds nothing that can decrypt.
+
+>>> keys = PublicKeys(config.keys)
+>>> await keys.refresh()            # at start: fails loudly if there is no valid key
+>>> recipient = await keys.wait_current(stop)   # pauses intake while the key material is too old
+
+Sources: a keyring directory (its public part only: `Keyring.open` never reads a private key) or a
+signed key set file verified against the pinned signer. The last valid key stays in use through
+outages of its source until it is older than `max_staleness_seconds`; then intake stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import codec
+from agent import metrics
+from agent.config import KeysConfig
+from keys.errors import KeysError
+from keys.keyring import Keyring
+from keys.keyset import load_signer, verify_keyset
+
+log = logging.getLogger("mediaseal.keys")
+
+
+class NoValidKeyError(Exception):
+    """There is no public key new recordings may be sealed to."""
+
+
+class PublicKeys:
+    def __init__(self, config: KeysConfig) -> None:
+        self.config = config
+        self._recipient: codec.Recipient | None = None
+        self._loaded_at = 0.0  # monotonic time of the last successful load
+        self._changed = asyncio.Event()
+
+    def load(self) -> codec.Recipient:
+        """Read and check the key source once (blocking)."""
+        if self.config.keyring is not None:
+            return Keyring.open(self.config.keyring).recipient()
+        if self.config.keyset is None or self.config.signer is None:
+            raise NoValidKeyError("config names no keyring and no key set")
+        if "://" in self.config.keyset:
+            raise NoValidKeyError(f"key set source {self.config.keyset} is not supported yet (use a file path)")
+        signer = load_signer(self.config.signer.read_bytes())
+        return verify_keyset(Path(self.config.keyset).read_bytes(), signer).recipient()
+
+    async def refresh(self) -> bool:
+        """Load the key source; keep the previous key on failure. Returns whether a key was loaded."""
+        try:
+            recipient = await asyncio.to_thread(self.load)
+        except (KeysError, NoValidKeyError, OSError, codec.CodecError) as e:
+            reason = type(e).__name__
+            metrics.KEY_REFRESH_FAILURES.labels(reason).inc()
+            log.warning("key-refresh-failed",
+                        extra={"fields": {"error": str(e) or reason}})
+            return False
+        previous = self._recipient
+        self._recipient, self._loaded_at = recipient, time.monotonic()
+        if previous is None or previous.kid != recipient.kid:
+            if previous is not None:
+                metrics.CURRENT_KID.remove(previous.kid)
+            metrics.CURRENT_KID.labels(recipient.kid).set(1)
+            log.info("key-current", extra={"fields": {"kid": recipient.kid}})
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return True
+
+    def current(self) -> codec.Recipient | None:
+        """The key to seal to now, or None if there is none or it is older than allowed."""
+        if self._recipient is None:
+            return None
+        age = time.monotonic() - self._loaded_at
+        metrics.KEYSET_AGE.set(age)
+        if age > self.config.max_staleness_seconds:
+            return None
+        return self._recipient
+
+    async def wait_current(self, stop: asyncio.Event) -> codec.Recipient | None:
+        """The current key, waiting (intake paused) while there is none; None once `stop` is set."""
+        while (r := self.current()) is None:
+            if stop.is_set():
+                return None
+            metrics.INTAKE_PAUSED.set(1)
+            changed = asyncio.ensure_future(self._changed.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({changed, stopped}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            stopped.cancel()
+        metrics.INTAKE_PAUSED.set(0)
+        return r
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh every `refresh_seconds` until `stop`."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.config.refresh_seconds)
+            except TimeoutError:
+                await self.refresh()

@@ -1,0 +1,41 @@
+"""The agent's Prometheus metrics, in one registry of its own (served by the health listener).
+
+Every failure the daemon meets increments one of these and logs one line (DESIGN invariant 7).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+DISCOVERED = Counter("mediaseal_recordings_discovered_total", "Complete recordings found", ["kind"], registry=REGISTRY)
+ENCRYPTED = Counter("mediaseal_recordings_encrypted_total", "Recordings sealed into the spool", ["kind"],
+                    registry=REGISTRY)
+DELIVERED = Counter("mediaseal_recordings_delivered_total", "Packages confirmed by the repository", ["kind"],
+                    registry=REGISTRY)
+FAILED = Counter("mediaseal_recordings_failed_total", "Recording attempts that failed, by stage and reason",
+                 ["stage", "reason"], registry=REGISTRY)
+REDONE = Counter("mediaseal_recordings_redone_total", "Recordings re-encrypted because the source changed",
+                 registry=REGISTRY)
+BYTES_IN = Counter("mediaseal_bytes_in_total", "Plaintext bytes read from capture directories", registry=REGISTRY)
+BYTES_OUT = Counter("mediaseal_bytes_out_total", "Package bytes delivered to the repository", registry=REGISTRY)
+ENCRYPT_SECONDS = Histogram("mediaseal_encrypt_seconds", "Time to seal one recording into the spool",
+                            registry=REGISTRY, buckets=(0.005, 0.02, 0.1, 0.5, 2, 10, 60, 300))
+UPLOAD_SECONDS = Histogram("mediaseal_upload_seconds", "Time to deliver and confirm one package",
+                           registry=REGISTRY, buckets=(0.005, 0.02, 0.1, 0.5, 2, 10, 60, 300))
+RETRIES = Counter("mediaseal_upload_retries_total", "Upload attempts that will be retried", registry=REGISTRY)
+SPOOL_BYTES = Gauge("mediaseal_spool_bytes", "Bytes held in the spool (packages and reservations)",
+                    registry=REGISTRY)
+SPOOL_PACKAGES = Gauge("mediaseal_spool_packages", "Packages waiting in the spool", registry=REGISTRY)
+INTAKE_PAUSED = Gauge("mediaseal_intake_paused", "1 while intake waits (spool full, no valid key)",
+                      registry=REGISTRY)
+UNREADABLE = Counter("mediaseal_watcher_unreadable_total", "Capture files that could not be read",
+                     registry=REGISTRY)
+RESCANS = Counter("mediaseal_watcher_rescans_total", "Full reconciliation scans of capture directories",
+                  registry=REGISTRY)
+KEY_REFRESH_FAILURES = Counter("mediaseal_key_refresh_failures_total", "Key set loads that failed",
+                               ["reason"], registry=REGISTRY)
+KEYSET_AGE = Gauge("mediaseal_keyset_age_seconds", "Age of the key material in use", registry=REGISTRY)
+CURRENT_KID = Gauge("mediaseal_current_kid_info", "The kid new packages are wrapped to", ["kid"],
+                    registry=REGISTRY)

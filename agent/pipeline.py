@@ -1,0 +1,426 @@
+"""The agent's main job: watch -> encrypt -> spool -> dispose -> upload -> release.
+
+>>> pipeline = Pipeline(config, spool, repository, public_keys)
+>>> await pipeline.run(stop)        # until `stop` is set; returns after a graceful drain
+
+Per recording (DESIGN section 6): a complete file is sealed in a worker thread straight into a
+staging file (ciphertext from its first byte), its identity re-checked, committed (fsync, rename,
+manifest), only then is the source disposed, and only after the repository confirmed size and
+SHA-256 is the spool copy removed. The event loop only coordinates; the bytes move in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import io
+import logging
+import mimetypes
+import os
+import random
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import codec
+from agent import metrics
+from agent.config import Config, WatchConfig
+from agent.crash import crash_point
+from agent.keysource import PublicKeys
+from agent.watcher import Candidate, FileIdentity, Watcher
+from buffer.spool import SPOOLED, UPLOADING, VERIFIED, DurabilityError, Manifest, Reservation, Spool
+from uploader import Repository, RepositoryError, Upload, repository_key
+
+log = logging.getLogger("mediaseal.pipeline")
+
+UNREADABLE_RETRY_SECONDS = 60.0
+FAILURE_RETRY_SECONDS = 5.0
+
+
+class SourceChangedError(Exception):
+    """The source file changed while it was being sealed: the package is discarded and redone."""
+
+
+class Cancelled(Exception):
+    """The agent is stopping: unfinished work is abandoned (it is redone from the source later)."""
+
+
+def recording_id(agent_id: str, path: Path, ident: FileIdentity) -> str:
+    """Stable for one source file (a replay after a crash lands on the same repository key), and
+    different for two recordings even under a reused name (the inode and mtime differ)."""
+    when = dt.datetime.fromtimestamp(ident.mtime_ns / 1e9, dt.UTC)
+    basis = f"{agent_id}\0{path}\0{ident.dev}\0{ident.ino}\0{ident.size}\0{ident.mtime_ns}"
+    return f"{when:%Y%m%dT%H%M%SZ}-{hashlib.sha256(basis.encode()).hexdigest()[:20]}"
+
+
+def package_estimate(size: int, chunk_size: int) -> int:
+    """An upper bound on the package size for `size` bytes of plaintext (what the spool reserves)."""
+    return size + (size // chunk_size + 1) * codec.TAG_SIZE + 64 * 1024
+
+
+class Backoff:
+    """Jittered exponential backoff, capped: base * 2^n, full jitter in [d/2, d]."""
+
+    def __init__(self, base: float = 0.5, cap: float = 60.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next_delay(self) -> float:
+        d = min(self.cap, self.base * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return random.uniform(d / 2, d)  # noqa: S311 - jitter, not a secret
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Pipeline:
+    def __init__(self, config: Config, spool: Spool, repository: Repository, keys: PublicKeys,
+                 *, chunk_size: int = codec.DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 60.0) -> None:
+        self.config = config
+        self.spool = spool
+        self.repository = repository
+        self.keys = keys
+        self.chunk_size = chunk_size
+        self.quarantine_seconds = quarantine_seconds
+        self._in_flight: set[Path] = set()
+        self._busy: set[asyncio.Task[None]] = set()  # workers holding a recording right now
+        self._cooldown: dict[Path, float] = {}  # path -> monotonic time before which it is skipped
+        self._candidates: asyncio.Queue[Candidate] = asyncio.Queue(maxsize=max(1, config.agent.concurrency))
+        self._uploads: asyncio.Queue[str] = asyncio.Queue()
+        self._space = asyncio.Condition()
+        self._cancel = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=config.agent.concurrency + config.repository.concurrency,
+                                            thread_name_prefix="mediaseal")
+        self._backoff = Backoff()
+        self._repo_ok_at = 0.0
+        self.fatal: BaseException | None = None
+        self.watcher = Watcher(config.watch, rescan_seconds=config.agent.rescan_seconds, is_busy=self.is_busy)
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def is_busy(self, path: Path) -> bool:
+        if path in self._in_flight:
+            return True
+        until = self._cooldown.get(path)
+        if until is not None and until > time.monotonic():
+            return True
+        self._cooldown.pop(path, None)
+        return False
+
+    async def recover(self) -> int:
+        """Resume what a previous run left in the spool; returns how many packages await delivery."""
+        pending = await self._thread(self.spool.recover)
+        for rid in pending:
+            m = self.spool.load(rid)
+            if m is None:
+                continue
+            if m.state == SPOOLED:
+                await self._thread(self._dispose, m)  # idempotent: the source may be gone already
+            self._uploads.put_nowait(rid)
+        self._update_gauges()
+        return len(pending)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set (or a fatal durability error), then stop in bounded time."""
+        tasks = [asyncio.create_task(self.watcher.run(self._candidates, stop), name="watcher"),
+                 asyncio.create_task(self.keys.run(stop), name="key-refresh")]
+        tasks += [asyncio.create_task(self._intake_worker(stop), name=f"intake-{i}")
+                  for i in range(self.config.agent.concurrency)]
+        tasks += [asyncio.create_task(self._upload_worker(stop), name=f"upload-{i}")
+                  for i in range(self.config.repository.concurrency)]
+        done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t in tasks and not t.cancelled() and t.exception() is not None:
+                self.fatal = t.exception()
+        stop.set()
+        self._cancel.set()  # sealing threads stop at their next chunk; staging files are removed
+        for t in tasks:
+            if t not in self._busy:  # idle workers wait on a queue: nothing to finish
+                t.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=self.config.agent.stop_timeout_seconds)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self.repository.close()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _mark_busy(self, busy: bool) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            (self._busy.add if busy else self._busy.discard)(task)
+
+    def _update_gauges(self) -> None:
+        metrics.SPOOL_BYTES.set(self.spool.used_bytes)
+        metrics.SPOOL_PACKAGES.set(self.spool.package_count)
+
+    async def _thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    async def _intake_worker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            cand = await self._candidates.get()
+            if cand.path in self._in_flight:
+                continue
+            self._in_flight.add(cand.path)
+            self._mark_busy(True)
+            try:
+                await self._intake(cand, stop)
+            except DurabilityError:
+                raise
+            except Cancelled:
+                return
+            except Exception as e:  # a bug must not take the daemon down silently: count, log, cool down
+                metrics.FAILED.labels("intake", type(e).__name__).inc()
+                log.exception("intake-error", extra={"fields": {"path": str(cand.path)}})
+                self._cooldown[cand.path] = time.monotonic() + FAILURE_RETRY_SECONDS
+            finally:
+                self._in_flight.discard(cand.path)
+                self._mark_busy(False)
+
+    async def _intake(self, cand: Candidate, stop: asyncio.Event) -> None:
+        w = cand.watch
+        rid = recording_id(self.config.agent.id, cand.path, cand.identity)
+        fields: dict[str, Any] = {"recording_id": rid, "kind": w.kind, "path": str(cand.path)}
+        existing = self.spool.load(rid)
+        if existing is not None:  # sealed before a restart: only the disposal may be missing
+            await self._thread(self._dispose, existing)
+            return
+        if self.spool.is_kept(rid):
+            return
+        metrics.DISCOVERED.labels(w.kind).inc()
+        need = package_estimate(cand.identity.size, self.chunk_size)
+        if not self.spool.fits_ever(need):
+            metrics.FAILED.labels("intake", "too-large-for-spool").inc()
+            log.error("too-large-for-spool", extra={"fields": fields})
+            self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS * 10
+            return
+        recipient = await self.keys.wait_current(stop)
+        if recipient is None:
+            raise Cancelled
+        reservation = await self._reserve(need, stop)
+        log.info("sealing", extra={"fields": fields})
+        started = time.monotonic()
+        try:
+            m = await self._thread(self._seal, cand, rid, recipient, reservation)
+        except SourceChangedError:
+            metrics.REDONE.inc()
+            log.info("redo", extra={"fields": fields})
+            return
+        except FileNotFoundError:
+            log.info("vanished", extra={"fields": fields})
+            return
+        except PermissionError as e:
+            metrics.FAILED.labels("intake", "unreadable").inc()
+            log.error("unreadable", extra={"fields": {**fields, "error": e.strerror}})
+            self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS
+            return
+        except OSError as e:
+            reason = errno.errorcode.get(e.errno or 0, "oserror")
+            metrics.FAILED.labels("intake", reason).inc()
+            log.error("seal-failed", extra={"fields": {**fields, "error": str(e)}})
+            self._cooldown[cand.path] = time.monotonic() + FAILURE_RETRY_SECONDS
+            return
+        finally:
+            self.spool.cancel(reservation)
+            self._update_gauges()
+        metrics.ENCRYPTED.labels(w.kind).inc()
+        metrics.ENCRYPT_SECONDS.observe(time.monotonic() - started)
+        log.info("spooled", extra={"fields": {**fields, "bytes": cand.identity.size, "kid": m.kid}})
+        crash_point("after-commit")
+        await self._thread(self._dispose, m)
+        self._uploads.put_nowait(rid)
+
+    async def _reserve(self, need: int, stop: asyncio.Event) -> Reservation:
+        """Capacity in the spool for one recording; waits (intake paused) while the spool is full."""
+        paused = False
+        while (r := self.spool.reserve(need)) is None:
+            if stop.is_set():
+                raise Cancelled
+            if not paused:
+                paused = True
+                log.warning("intake-paused", extra={"fields": {"reason": "spool full", "need": need,
+                                                                "used": self.spool.used_bytes}})
+            metrics.INTAKE_PAUSED.set(1)
+            async with self._space:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._space.wait(), timeout=5.0)
+        metrics.INTAKE_PAUSED.set(0)
+        if paused:
+            log.info("intake-resumed")
+        return r
+
+    def _seal(self, cand: Candidate, rid: str, recipient: codec.Recipient, reservation: Reservation) -> Manifest:
+        """Seal one source into the spool and commit it (worker thread)."""
+        w = cand.watch
+        fd = os.open(cand.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never through a symlink
+        with open(fd, "rb", buffering=0) as src:
+            if not _same(FileIdentity.of(os.fstat(fd)), cand.identity):
+                raise SourceChangedError
+            captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
+            metadata = codec.Metadata(
+                recording_id=rid, kind=w.kind, content_type=_content_type(w, cand.path),
+                original_name=cand.path.name[:4096], captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                agent_id=self.config.agent.id[:4096],
+            )
+            header, keys = codec.new_package(metadata, [recipient], self.chunk_size)
+            with self.spool.staging(rid) as (staged, staged_path):
+                result = codec.seal(_Source(src, self._cancel), staged, header, keys, digest=True)
+            crash_point("after-staging-fsync")
+            # The identity is checked again now that every byte has been read: a file rewritten or
+            # appended to during sealing gives a package of neither version, so it is redone.
+            try:
+                after = FileIdentity.of(os.stat(cand.path, follow_symlinks=False))
+            except FileNotFoundError:
+                after = None
+            if after is None or not _same(after, cand.identity) or result.plaintext_size != cand.identity.size:
+                staged_path.unlink()
+                raise SourceChangedError
+        assert result.sha256 is not None
+        metrics.BYTES_IN.inc(result.plaintext_size)
+        manifest = Manifest(
+            recording_id=rid, kind=w.kind,
+            repo_key=repository_key(w.kind, metadata.captured_at, rid),
+            package_size=result.package_size, sha256=result.sha256, kid=recipient.kid,
+            source=str(cand.path), identity=_identity_dict(cand.identity), dispose=w.dispose,
+            move_to=str(w.move_to) if w.move_to else None,
+            marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
+        )
+        return self.spool.commit(staged_path, manifest, reservation)
+
+    def _dispose(self, m: Manifest) -> None:
+        """Apply the watch's disposal to a committed recording's source. Idempotent on replay."""
+        if m.dispose == "keep":
+            self.spool.mark_kept(m.recording_id)
+            return
+        src = Path(m.source)
+        try:
+            st = os.stat(src, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # disposed already (before a crash) or removed by someone else
+        if _identity_dict(FileIdentity.of(st)) | {"ctime_ns": 0} != m.identity | {"ctime_ns": 0}:
+            log.warning("source-changed-after-seal",
+                        extra={"fields": {"recording_id": m.recording_id, "path": m.source}})
+            return
+        if m.dispose == "move" and m.move_to:
+            watch_root = next((w.path for w in self.config.watch if w.path in src.parents), src.parent)
+            dest = Path(m.move_to) / src.relative_to(watch_root)
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.move(src, dest)
+            _fsync_dir(dest.parent)
+        else:
+            src.unlink()
+        _fsync_dir(src.parent)
+        if m.marker:
+            with contextlib.suppress(FileNotFoundError):
+                Path(m.marker).unlink()
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    async def _upload_worker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            rid = await self._uploads.get()
+            m = self.spool.load(rid)
+            if m is None:
+                continue
+            self._mark_busy(True)
+            try:
+                await self._deliver(m, stop)
+            finally:
+                self._mark_busy(False)
+
+    async def _deliver(self, m: Manifest, stop: asyncio.Event) -> None:
+        fields = {"recording_id": m.recording_id, "key": m.repo_key, "path": m.source}
+        path = self.spool.package_path(m.recording_id)
+        started = time.monotonic()
+        while m.state != VERIFIED:
+            if stop.is_set():
+                return  # the manifest keeps its state; delivery resumes on the next start
+            upload = Upload(
+                key=m.repo_key, path=path, size=m.package_size, sha256=m.sha256,
+                metadata={"kid": m.kid, "recording-id": m.recording_id, "kind": m.kind,
+                          "package-size": str(m.package_size), "format-version": "1"},
+                state=m.upload, save=lambda state, m=m: self._save_upload_state(m, state),  # type: ignore[misc]
+            )
+            try:
+                receipt = await self.repository.put(upload)
+                if (receipt.size, receipt.sha256) != (m.package_size, m.sha256):
+                    raise RepositoryError(f"repository holds {receipt.size} B sha256 {receipt.sha256[:12]}..., "
+                                          f"sent {m.package_size} B sha256 {m.sha256[:12]}...")
+            except RepositoryError as e:
+                metrics.RETRIES.inc()
+                m.attempts += 1
+                m.last_error = str(e)
+                delay = self._backoff.next_delay() if e.transient else self.quarantine_seconds
+                metrics.FAILED.labels("upload", "transient" if e.transient else "quarantined").inc()
+                log.warning("delivery-retry" if e.transient else "delivery-quarantined",
+                            extra={"fields": {**fields, "error": str(e), "retry_in": round(delay, 1)}})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                continue
+            self._backoff.reset()
+            m.state = VERIFIED
+            await self._thread(self.spool.update, m)
+        crash_point("after-delivery")
+        await self._thread(self.spool.release, m)
+        metrics.DELIVERED.labels(m.kind).inc()
+        metrics.BYTES_OUT.inc(m.package_size)
+        metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
+        log.info("delivered", extra={"fields": {**fields, "bytes": m.package_size}})
+        self._update_gauges()
+        async with self._space:
+            self._space.notify_all()
+
+    async def _save_upload_state(self, m: Manifest, state: dict[str, Any]) -> None:
+        m.upload = dict(state)
+        m.state = UPLOADING
+        await self._thread(self.spool.update, m)
+
+
+class _Source:
+    """The source file as the codec reads it: stops when the agent stops, and hosts a crash point."""
+
+    def __init__(self, f: io.FileIO, cancel: threading.Event) -> None:
+        self._f, self._cancel, self._reads = f, cancel, 0
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._cancel.is_set():
+            raise Cancelled
+        n = self._f.readinto(buf)
+        self._reads += 1
+        if self._reads == 2:
+            crash_point("mid-encrypt")
+        return int(n or 0)
+
+
+def _same(a: FileIdentity, b: FileIdentity) -> bool:
+    return (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
+
+
+def _identity_dict(i: FileIdentity) -> dict[str, int]:
+    return {"dev": i.dev, "ino": i.ino, "size": i.size, "mtime_ns": i.mtime_ns, "ctime_ns": i.ctime_ns}
+
+
+def _content_type(w: WatchConfig, path: Path) -> str:
+    return w.content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["SPOOLED", "Backoff", "Pipeline", "package_estimate", "recording_id"]

@@ -1,0 +1,106 @@
+"""`mediaseal run`: the daemon. With no --config, the embedded default under ./mediaseal-data/.
+
+Start-up order: config (rejected whole, with the key named, if invalid) -> directories -> keys (the
+public part only) -> spool recovery -> intake. SIGTERM/SIGINT stop intake, let in-flight work finish
+or abandon it safely (it is redone from the source next time), and exit 0 within
+`stop_timeout_seconds`. A failed fsync stops the agent with exit 3: the state on disk is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from agent.config import Config, ConfigError, load_config
+from agent.keysource import PublicKeys
+from agent.log import setup_logging
+from agent.pipeline import Pipeline
+from buffer.spool import DurabilityError, Spool
+from keys.errors import KeysError
+from keys.keyring import Keyring, passphrase_from
+from uploader import RepositoryError, open_repository
+
+log = logging.getLogger("mediaseal.agent")
+
+EXIT_CONFIG = 2
+EXIT_DURABILITY = 3
+
+
+def run(config_path: Path | None, log_format: str | None) -> None:
+    """The `run` command: exits with the agent's status."""
+    try:
+        config = load_config(config_path, os.environ)
+    except ConfigError as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    setup_logging(log_format or config.agent.log_format)
+    embedded = config_path is None
+    try:
+        prepare(config, embedded=embedded)
+    except (KeysError, OSError) as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    code = uvloop.run(serve(config, announce=embedded))
+    sys.exit(code)
+
+
+def prepare(config: Config, *, embedded: bool) -> None:
+    """Create the spool (0700); for the embedded default also its capture and repository directories
+    and, on first start, a keyring. A configured repository or capture directory is never created:
+    a missing mount must not turn into a directory on the local disk."""
+    if embedded:
+        config.buffer.path.parent.mkdir(mode=0o700, exist_ok=True)  # ./mediaseal-data itself
+    config.buffer.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if embedded:
+        for w in config.watch:
+            w.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        Path(config.repository.url.removeprefix("file://")).mkdir(mode=0o700, parents=True, exist_ok=True)
+    ring = config.keys.keyring
+    if embedded and ring is not None and not (ring / "keyring.json").exists():
+        # The keyring is created here, once; the agent itself then reads only its public part.
+        passphrase = passphrase_from(os.environ, None)
+        kid = Keyring.init(ring, passphrase).current().kid
+        print(f"mediaseal: created keyring {ring} (current key {kid})", file=sys.stderr)
+        if passphrase is None:
+            print(f"mediaseal: warning: private keys are protected by {ring}/master.key, which protects them "
+                  "only as well as that file (fine for trying mediaseal out, not for production)", file=sys.stderr)
+
+
+async def serve(config: Config, *, announce: bool = False) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    keys = PublicKeys(config.keys)
+    if not await keys.refresh():
+        print("mediaseal: error: no valid public key to encrypt to (see the log line above)", file=sys.stderr)
+        return 1
+    try:
+        repository = open_repository(config.repository.url)
+    except RepositoryError as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        return 1
+    spool = Spool(config.buffer.path, config.buffer.max_bytes)
+    pipeline = Pipeline(config, spool, repository, keys)
+    try:
+        resumed = await pipeline.recover()
+    except DurabilityError as e:
+        log.critical("durability-failure", extra={"fields": {"error": str(e)}})
+        return EXIT_DURABILITY
+    log.info("ready", extra={"fields": {"resumed": resumed, "watch": ",".join(str(w.path) for w in config.watch)}})
+    if announce:
+        print(f"mediaseal: drop recordings into {config.watch[0].path}/ ; packages appear in "
+              f"{config.repository.url.removeprefix('file://')}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        await pipeline.run(stop)
+    except DurabilityError as e:
+        log.critical("durability-failure", extra={"fields": {"error": str(e)}})
+        return EXIT_DURABILITY
+    log.info("stopped")
+    return 0

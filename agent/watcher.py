@@ -1,0 +1,428 @@
+"""Finds complete recordings in the capture directories and hands them to the pipeline.
+
+>>> watcher = Watcher(config.watch, rescan_seconds=30, is_busy=pipeline.is_busy)
+>>> task = asyncio.create_task(watcher.run(queue, stop))  # Candidates arrive on queue until stop is set
+>>> watcher.rescan_now()                                  # e.g. once the spool has freed space
+
+The filesystem is the truth; watchfiles (inotify) events are only hints naming paths worth a look.
+A full reconciliation scan runs at start, every `rescan_seconds` and on rescan_now(), so nothing is
+missed after a restart, an inotify overflow or on a network filesystem.
+
+Completion, per watch: `rename`: any file whose name is not a temp name is complete; `marker`:
+complete once `<file><marker_suffix>` exists; `quiet`: complete once its mtime is `quiet_seconds`
+old and its size and mtime equal the previous observation, if there was one. Temp names (`*.part`,
+`*.tmp`, `*~`, dotfiles and anything in a dot-directory) and names not matching `pattern` are never
+candidates. Symlinks are never followed (a configured capture directory may itself be one), other
+watches' directories and `move_to` directories are never entered.
+
+A complete file may be emitted again by a later scan while it is still there and not `is_busy`:
+the pipeline dedups. Memory stays flat for any backlog: directories are read with os.scandir
+iterators in a worker thread, candidates are put on the bounded queue as they are found (a full
+queue pauses the scan), and per-file state is kept only for files seen but not (yet) emitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from watchfiles import Change, awatch
+
+from agent.config import WatchConfig
+from agent.metrics import DISCOVERED, RESCANS, UNREADABLE
+
+__all__ = ["Candidate", "FileIdentity", "Watcher", "is_temp_name"]
+
+log = logging.getLogger("mediaseal.watcher")
+
+UNREADABLE_RETRY_SECONDS = 60.0  # an unreadable file is looked at no more often than this
+_MIN_RECHECK = 0.25  # floor between quiet-mode looks, so quiet_seconds = 0 cannot spin
+_BATCH = 256  # candidates found per trip to the scanning thread
+_MAX_HINTS = 1024  # per watch; past this a scan of the whole watch is cheaper than the list
+_HINT_RETRY_SECONDS = 5.0  # how soon to try inotify again (missing directory, watch limit)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What must not change between discovery and the end of encryption (else the recording is re-done)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A complete recording: `identity` is from the lstat that judged it complete."""
+
+    path: Path
+    watch: WatchConfig
+    identity: FileIdentity
+    marker: Path | None = None  # the sidecar that marked it complete (completion = "marker")
+
+
+def is_temp_name(name: str) -> bool:
+    """Names producers use while writing, never recordings: dotfiles, *.part, *.tmp, *~."""
+    return name.startswith(".") or name.endswith((".part", ".tmp", "~"))
+
+
+def _never_busy(path: Path) -> bool:
+    return False
+
+
+class Watcher:
+    """Emits Candidates for complete recordings under `watches` (see the module docstring)."""
+
+    def __init__(
+        self,
+        watches: Sequence[WatchConfig],
+        *,
+        rescan_seconds: float,
+        is_busy: Callable[[Path], bool] = _never_busy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not watches or rescan_seconds <= 0:
+            raise ValueError("Watcher needs at least one watch and rescan_seconds > 0")
+        self._scanner = _Scanner(watches, clock)
+        self._rescan_seconds = rescan_seconds
+        self._is_busy = is_busy
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._rescan = True
+        self._hints: dict[int, set[Path]] = {}
+        self._flooded: set[int] = set()
+
+    def rescan_now(self) -> None:
+        """Wake the loop for a full scan soon. Call from the event loop's thread."""
+        self._rescan = True
+        self._wake.set()
+
+    async def run(self, out: asyncio.Queue[Candidate], stop: asyncio.Event) -> None:
+        """Scan and emit into `out` until `stop` is set; `await out.put` is the backpressure."""
+        # Our own stop event for awatch: it sets the event it was given when cancelled.
+        halt = asyncio.Event()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mediaseal-watcher")
+        hints = [asyncio.create_task(self._hint_loop(i, halt)) for i in range(len(self._scanner.watches))]
+        main = asyncio.create_task(self._loop(out, executor))
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.set()
+            main.cancel()
+            stopped.cancel()
+            await asyncio.wait(hints, timeout=1.0)  # awatch sees halt within one 50 ms step
+            for task in hints:
+                task.cancel()
+            await asyncio.gather(main, stopped, *hints, return_exceptions=True)
+            executor.shutdown(wait=False, cancel_futures=True)
+        if not main.cancelled() and (error := main.exception()) is not None:
+            raise error
+
+    async def _loop(self, out: asyncio.Queue[Candidate], executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        next_full = loop.time()
+        while True:
+            self._wake.clear()
+            if self._rescan or loop.time() >= next_full:
+                self._rescan = False
+                self._hints, self._flooded = {}, set()  # the full scan covers them
+                RESCANS.inc()
+                await self._emit(out, self._scanner.full(), executor)
+                next_full = loop.time() + self._rescan_seconds
+            else:
+                items = [(i, self._scanner.watches[i].path) for i in self._flooded]
+                items += [(i, p) for i, paths in self._hints.items() if i not in self._flooded for p in paths]
+                self._hints, self._flooded = {}, set()
+                items += self._scanner.take_due(self._clock())
+                if items:
+                    await self._emit(out, self._scanner.check(items), executor)
+            delay = next_full - loop.time()
+            due = self._scanner.next_due()
+            if due is not None:
+                delay = min(delay, due - self._clock())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _emit(
+        self, out: asyncio.Queue[Candidate], found: Generator[Candidate, None, None], executor: ThreadPoolExecutor
+    ) -> None:
+        # The scan (stat calls, possibly over NFS) runs in a thread; only is_busy and put run here.
+        loop = asyncio.get_running_loop()
+        try:
+            while batch := await loop.run_in_executor(executor, _take, found, _BATCH):
+                for cand in batch:
+                    if self._is_busy(cand.path):
+                        continue
+                    DISCOVERED.labels(kind=cand.watch.kind).inc()
+                    log.debug("complete: %s", cand.path)
+                    await out.put(cand)
+        finally:
+            with contextlib.suppress(ValueError):  # still running in the thread if we were cancelled
+                found.close()
+
+    async def _hint_loop(self, i: int, halt: asyncio.Event) -> None:
+        """Turn watchfiles events for one watch into hints; restart it if the directory is replaced."""
+        watch = self._scanner.watches[i]
+        reported = ""
+        while not halt.is_set():
+            try:
+                root = os.stat(watch.path)
+                async for changes in awatch(
+                    watch.path, watch_filter=_hint_filter, stop_event=halt, force_polling=watch.force_polling,
+                    recursive=watch.recursive, ignore_permission_denied=True, yield_on_timeout=True,
+                ):
+                    if changes:
+                        self._add_hints(i, changes)
+                    elif not _same_dir(root, watch.path):
+                        break  # replaced or removed: the old inotify watch would stay silent forever
+            except FileNotFoundError:
+                pass  # the scan reports a missing capture directory
+            except Exception as e:  # (inotify watch limit, ...) scans still find everything, only later
+                if str(e) != reported:
+                    reported = str(e)
+                    log.warning("no change events for %s (%s); relying on scans every %g s",
+                                watch.path, e, self._rescan_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(halt.wait(), min(self._rescan_seconds, _HINT_RETRY_SECONDS))
+
+    def _add_hints(self, i: int, changes: set[tuple[Change, str]]) -> None:
+        if i not in self._flooded:
+            paths = self._hints.setdefault(i, set())
+            paths.update(Path(p) for _, p in changes)
+            if len(paths) > _MAX_HINTS:
+                self._flooded.add(i)
+                del self._hints[i]
+        self._wake.set()
+
+
+def _hint_filter(change: Change, path: str) -> bool:
+    return not is_temp_name(os.path.basename(path))  # appends to x.part must not wake us
+
+
+def _same_dir(before: os.stat_result, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
+
+
+def _take(found: Iterator[Candidate], n: int) -> list[Candidate]:
+    return list(itertools.islice(found, n))
+
+
+@dataclass
+class _Note:
+    """What the scanner remembers about a file it saw and did not emit; dropped when it vanishes."""
+
+    watch: int
+    state: str  # "pending" (quiet, still changing) | "unreadable" | "skipped" (reported once, ignored)
+    seen: int  # generation of the last full scan that saw it: the others are swept after a scan
+    due: float | None = None  # wall-clock time to look again
+    shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # quiet: (dev, ino, size, mtime_ns) last observed
+    since: float = 0.0  # quiet: since when `shape` is known to hold
+    reported: bool = False  # unreadable already logged and counted
+
+
+class _Scanner:
+    """The synchronous half: looks at the filesystem and judges completeness. Runs in one thread at a time."""
+
+    def __init__(self, watches: Sequence[WatchConfig], clock: Callable[[], float]) -> None:
+        self.watches = tuple(watches)
+        self.clock = clock
+        self.notes: dict[Path, _Note] = {}
+        self.gen = 0
+        self.missing: set[int] = set()
+        # Directories no scan enters: where "move" disposal puts sources, and other watches' roots.
+        self.fences = frozenset([w.path for w in watches] + [w.move_to for w in watches if w.move_to is not None])
+
+    def full(self) -> Generator[Candidate, None, None]:
+        """Every complete file under every watch, then forget files that have vanished."""
+        self.gen += 1
+        for i, watch in enumerate(self.watches):
+            yield from self._tree(i, watch.path)
+        self.notes = {p: n for p, n in self.notes.items() if n.seen == self.gen}
+
+    def check(self, items: Iterable[tuple[int, Path]]) -> Generator[Candidate, None, None]:
+        """Look only at the hinted or due paths (directories: their whole subtree)."""
+        emitted: set[Path] = set()
+        for i, path in items:
+            for cand in self._check_one(i, path):
+                if cand.path not in emitted:
+                    emitted.add(cand.path)
+                    yield cand
+
+    def take_due(self, now: float) -> list[tuple[int, Path]]:
+        due = [(p, n) for p, n in self.notes.items() if n.due is not None and n.due <= now]
+        for _, note in due:
+            note.due = None  # looking again sets a new due time, if one is still needed
+        return [(n.watch, p) for p, n in due]
+
+    def next_due(self) -> float | None:
+        return min((n.due for n in self.notes.values() if n.due is not None), default=None)
+
+    def _tree(self, i: int, top: Path) -> Generator[Candidate, None, None]:
+        watch = self.watches[i]
+        stack = [top]  # paths, not open iterators: one directory handle open at a time
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = os.scandir(directory)
+            except (FileNotFoundError, NotADirectoryError) as e:
+                if directory == watch.path:
+                    self._root_missing(i, e)
+                continue
+            except OSError as e:
+                self._skip(i, directory, f"cannot list directory: {e.strerror}", unreadable=True)
+                continue
+            if directory == watch.path:
+                self._root_present(i)
+            with entries:
+                try:
+                    for entry in entries:
+                        path = Path(entry.path)
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                if watch.recursive and not is_temp_name(entry.name) and path not in self.fences:
+                                    stack.append(path)
+                                continue
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue  # vanished between listing and stat
+                        yield from self._consider(i, path, st)
+                except OSError as e:  # reading the directory failed midway (EIO on a network share)
+                    log.warning("scan of %s stopped early (%s); trying again at the next scan", directory, e)
+
+    def _check_one(self, i: int, path: Path) -> Iterator[Candidate]:
+        watch = self.watches[i]
+        if path == watch.path:
+            yield from self._tree(i, path)
+            return
+        if not path.is_relative_to(watch.path):
+            return
+        parts = path.relative_to(watch.path).parts
+        if not watch.recursive and len(parts) > 1:
+            return
+        directory = watch.path
+        for part in parts[:-1]:  # every directory on the way must be a real, visible, unfenced one
+            directory = directory / part
+            if is_temp_name(part) or directory in self.fences or not _is_real_dir(directory):
+                return
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self.notes.pop(path, None)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if watch.recursive and not is_temp_name(path.name) and path not in self.fences:
+                yield from self._tree(i, path)
+        elif watch.completion == "marker" and path.name.endswith(watch.marker_suffix):
+            recording = path.with_name(path.name.removesuffix(watch.marker_suffix))
+            with contextlib.suppress(OSError):
+                st = os.lstat(recording)
+                if not stat.S_ISDIR(st.st_mode):
+                    yield from self._consider(i, recording, st)
+        else:
+            yield from self._consider(i, path, st)
+
+    def _consider(self, i: int, path: Path, st: os.stat_result) -> Iterator[Candidate]:
+        watch, name = self.watches[i], path.name
+        if is_temp_name(name) or (watch.completion == "marker" and name.endswith(watch.marker_suffix)):
+            return
+        if not fnmatchcase(name, watch.pattern):
+            return
+        if stat.S_ISLNK(st.st_mode):
+            self._skip(i, path, "symbolic link, not followed")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._skip(i, path, "not a regular file")
+            return
+        now, note = self.clock(), self.notes.get(path)
+        if note is not None:
+            note.seen = self.gen
+            if note.state == "unreadable" and note.due is not None and now < note.due:
+                return
+        identity, marker = FileIdentity.of(st), None
+        if watch.completion == "marker":
+            marker = path.with_name(name + watch.marker_suffix)
+            if not os.path.lexists(marker):
+                return
+        elif watch.completion == "quiet" and not self._quiet(i, path, identity, now):
+            return
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            self.notes.pop(path, None)
+            return
+        except OSError as e:  # EACCES, EPERM, EIO...: say so once, then look once a minute
+            reported = note is not None and note.reported
+            if not reported:
+                log.warning("cannot read %s (%s); retrying every %g s", path, e.strerror, UNREADABLE_RETRY_SECONDS)
+                UNREADABLE.inc()
+            self.notes[path] = _Note(i, "unreadable", self.gen, due=now + UNREADABLE_RETRY_SECONDS, reported=True)
+            return
+        if note is not None and note.reported:
+            log.info("%s is readable now", path)
+        self.notes.pop(path, None)
+        yield Candidate(path, watch, identity, marker)
+
+    def _quiet(self, i: int, path: Path, ident: FileIdentity, now: float) -> bool:
+        """Complete once unchanged since the last look and `quiet_seconds` old; else note when to look again."""
+        quiet, note = self.watches[i].quiet_seconds, self.notes.get(path)
+        shape = (ident.dev, ident.ino, ident.size, ident.mtime_ns)
+        previous = note if note is not None and note.state == "pending" else None
+        if previous is not None and previous.shape == shape:
+            since, changed = previous.since, False
+        else:
+            # An mtime in the future (clock skew on a network share) counts from now instead.
+            since, changed = min(ident.mtime_ns / 1e9, now), previous is not None
+        if not changed and now - since >= quiet:
+            return True
+        due = max(since + quiet, now + _MIN_RECHECK, now + quiet if changed else 0.0)
+        reported = note is not None and note.reported
+        self.notes[path] = _Note(i, "pending", self.gen, due=due, shape=shape, since=since, reported=reported)
+        return False
+
+    def _skip(self, i: int, path: Path, reason: str, *, unreadable: bool = False) -> None:
+        note = self.notes.get(path)
+        if note is None or note.state != "skipped":
+            log.warning("skipping %s: %s", path, reason)
+            if unreadable:
+                UNREADABLE.inc()
+        self.notes[path] = _Note(i, "skipped", self.gen)
+
+    def _root_missing(self, i: int, e: OSError) -> None:
+        if i not in self.missing:
+            self.missing.add(i)
+            log.warning("capture directory %s is not there (%s); looking again at every scan",
+                        self.watches[i].path, e.strerror)
+
+    def _root_present(self, i: int) -> None:
+        if i in self.missing:
+            self.missing.discard(i)
+            log.info("capture directory %s is there now", self.watches[i].path)
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -1,0 +1,347 @@
+"""agent.watcher on real directories with real inotify: completion modes, temp names, symlinks,
+unreadable files, is_busy and backpressure.
+
+Hint-driven tests use rescan_seconds=30, so an arrival within their timeouts proves the inotify
+path works (the scan at start runs once, on an empty directory). "Not picked up early" checks wait
+a bounded time and assert nothing arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import WatchConfig
+from agent.metrics import REGISTRY
+from agent.watcher import Candidate, FileIdentity, Watcher, is_temp_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@asynccontextmanager
+async def watching(*watches: WatchConfig, maxsize: int = 0, rescan: float = 30.0,
+                   **kw: Any) -> AsyncIterator[tuple[asyncio.Queue[Candidate], Watcher]]:
+    queue: asyncio.Queue[Candidate] = asyncio.Queue(maxsize)
+    stop = asyncio.Event()
+    watcher = Watcher(watches, rescan_seconds=rescan, **kw)
+    task = asyncio.create_task(watcher.run(queue, stop))
+    try:
+        yield queue, watcher
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)  # run() returns promptly once stop is set
+
+
+async def next_candidate(queue: asyncio.Queue[Candidate], timeout: float = 5.0) -> Candidate:
+    return await asyncio.wait_for(queue.get(), timeout)
+
+
+async def nothing_within(queue: asyncio.Queue[Candidate], seconds: float) -> None:
+    try:
+        got = await asyncio.wait_for(queue.get(), seconds)
+    except TimeoutError:
+        return
+    pytest.fail(f"unexpected candidate {got.path}")
+
+
+def drop(path: Path, data: bytes = b"recording") -> Path:
+    """Write as a well-behaved producer does: a .part name, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    part.rename(path)
+    return path
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_temp_names() -> None:
+    assert all(map(is_temp_name, [".x", "a.part", "a.tmp", "a~", ".a.wav"]))
+    assert not any(map(is_temp_name, ["a.wav", "part", "a.partial", "tmp"]))
+
+
+def test_identity_of_stat(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"12345")
+    st = os.lstat(f)
+    assert FileIdentity.of(st) == FileIdentity(st.st_dev, st.st_ino, 5, st.st_mtime_ns, st.st_ctime_ns)
+
+
+async def test_rename_mode_picks_renamed_file_and_ignores_temp_names(tmp_path: Path) -> None:
+    w = WatchConfig(tmp_path, completion="rename", pattern="*.wav")
+    async with watching(w) as (queue, _):
+        (tmp_path / "a.wav.part").write_bytes(b"in progress")
+        (tmp_path / ".hidden.wav").write_bytes(b"x")
+        (tmp_path / "b.wav.tmp").write_bytes(b"x")
+        (tmp_path / "c.wav~").write_bytes(b"x")
+        (tmp_path / "notes.txt").write_bytes(b"not matching the pattern")
+        (tmp_path / ".cache").mkdir()
+        (tmp_path / ".cache" / "d.wav").write_bytes(b"in a dot-directory")
+        drop(tmp_path / "e.wav", b"done")
+        got = await next_candidate(queue)
+        assert got.path == tmp_path / "e.wav"
+        assert (got.watch, got.identity.size, got.marker) == (w, 4, None)
+        (tmp_path / "a.wav.part").write_bytes(b"still in progress")
+        await nothing_within(queue, 0.5)
+
+
+async def test_marker_mode_waits_for_marker(tmp_path: Path) -> None:
+    async with watching(WatchConfig(tmp_path, completion="marker")) as (queue, _):
+        (tmp_path / "rec.wav").write_bytes(b"complete but not marked")
+        await nothing_within(queue, 0.7)
+        (tmp_path / "rec.wav.done").touch()
+        got = await next_candidate(queue)
+        assert (got.path, got.marker) == (tmp_path / "rec.wav", tmp_path / "rec.wav.done")
+        await nothing_within(queue, 0.3)  # the marker itself is never a candidate
+
+
+async def test_quiet_mode_waits_for_a_slow_writer(tmp_path: Path) -> None:
+    path = tmp_path / "slow.wav"
+    async with watching(WatchConfig(tmp_path, completion="quiet", quiet_seconds=1.0)) as (queue, _):
+        started = time.monotonic()
+        with path.open("ab") as f:
+            for _ in range(7):  # appends every 0.5 s for 3 s
+                f.write(b"x" * 1000)
+                f.flush()
+                assert queue.empty(), "picked up while still being written"
+                await asyncio.sleep(0.5)  # the writer's pace, not synchronisation
+        stopped = time.monotonic()
+        got = await next_candidate(queue, timeout=5)
+        assert got.path == path
+        assert got.identity.size == 7000
+        assert time.monotonic() - stopped < 2.5
+        assert stopped - started >= 3.0
+
+
+async def test_quiet_mode_backlog_and_rename_backlog_at_start(tmp_path: Path) -> None:
+    quiet_dir, rename_dir = tmp_path / "quiet", tmp_path / "rename"
+    old = time.time() - 60
+    for i in range(40):
+        for d in (quiet_dir, rename_dir):
+            f = drop(d / f"r{i:03}.wav", bytes(i))
+            os.utime(f, (old, old))
+    scans = metric("mediaseal_watcher_rescans_total")
+    watches = (WatchConfig(quiet_dir, completion="quiet"), WatchConfig(rename_dir, completion="rename", kind="screen"))
+    async with watching(*watches) as (queue, _):
+        got = [await next_candidate(queue) for _ in range(80)]
+        await nothing_within(queue, 0.3)  # the start-up scan emits each once
+    assert sorted(c.path for c in got) == sorted([*quiet_dir.iterdir(), *rename_dir.iterdir()])
+    assert {c.watch.kind for c in got if c.path.parent == rename_dir} == {"screen"}
+    assert metric("mediaseal_watcher_rescans_total") == scans + 1
+
+
+async def test_new_subdirectories_are_watched(tmp_path: Path) -> None:
+    async with watching(WatchConfig(tmp_path, completion="rename")) as (queue, _):
+        deep = tmp_path / "2024" / "06" / "01"
+        deep.mkdir(parents=True)
+        (deep / "early.wav").write_bytes(b"written right after mkdir")  # may race the new inotify watch
+        assert (await next_candidate(queue)).path == deep / "early.wav"
+        drop(deep / "later.wav")
+        assert (await next_candidate(queue)).path == deep / "later.wav"
+
+
+async def test_non_recursive_watch_ignores_subdirectories(tmp_path: Path) -> None:
+    drop(tmp_path / "sub" / "old.wav")
+    async with watching(WatchConfig(tmp_path, completion="rename", recursive=False)) as (queue, _):
+        drop(tmp_path / "sub" / "new.wav")
+        drop(tmp_path / "top.wav")
+        assert (await next_candidate(queue)).path == tmp_path / "top.wav"
+        await nothing_within(queue, 0.5)
+
+
+async def test_symlinks_are_never_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    capture, outside = tmp_path / "capture", tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "secret.wav").write_bytes(b"not ours")
+    (outside / "dir" / "inner.wav").write_bytes(b"not ours either")
+    capture.mkdir()
+    (capture / "link.wav").symlink_to(outside / "secret.wav")
+    (capture / "linkdir").symlink_to(outside / "dir")
+    caplog.set_level(logging.WARNING, "mediaseal.watcher")
+    async with watching(WatchConfig(capture, completion="rename"), rescan=0.2) as (queue, _):
+        drop(capture / "real.wav")
+        seen: set[Path] = set()
+
+        async def collect() -> None:
+            while True:
+                seen.add((await queue.get()).path)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(collect(), 1.5)  # several full scans
+    assert seen == {capture / "real.wav"}  # (re-emitted by each scan: the pipeline dedups)
+    skips = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert sorted(skips) == [f"skipping {capture / name}: symbolic link, not followed"
+                             for name in ("link.wav", "linkdir")]  # each logged once
+
+
+async def test_move_to_inside_capture_dir_is_skipped(tmp_path: Path) -> None:
+    w = WatchConfig(tmp_path, completion="rename", dispose="move", move_to=tmp_path / "done")
+    drop(tmp_path / "done" / "moved.wav")
+    async with watching(w) as (queue, _):
+        drop(tmp_path / "done" / "moved-later.wav")
+        drop(tmp_path / "new.wav")
+        assert (await next_candidate(queue)).path == tmp_path / "new.wav"
+        await nothing_within(queue, 0.5)
+
+
+async def test_is_busy_is_respected(tmp_path: Path) -> None:
+    busy = {tmp_path / "a.wav"}
+    async with watching(WatchConfig(tmp_path, completion="rename"), is_busy=busy.__contains__) as (queue, watcher):
+        drop(tmp_path / "a.wav")
+        drop(tmp_path / "b.wav")
+        assert (await next_candidate(queue)).path == tmp_path / "b.wav"
+        await nothing_within(queue, 0.3)
+        busy.clear()
+        watcher.rescan_now()  # both are still there and not busy: both come again
+        assert {(await next_candidate(queue)).path for _ in range(2)} == {tmp_path / "a.wav", tmp_path / "b.wav"}
+
+
+async def test_backpressure_with_a_full_queue(tmp_path: Path) -> None:
+    for i in range(5):
+        drop(tmp_path / f"r{i}.wav")
+    async with watching(WatchConfig(tmp_path, completion="rename"), maxsize=1) as (queue, _):
+        got = []
+        for _ in range(5):
+            got.append((await next_candidate(queue)).path)
+            assert queue.qsize() <= 1
+            await asyncio.sleep(0.05)  # a slow consumer
+        await nothing_within(queue, 0.3)
+    assert sorted(got) == sorted(tmp_path.iterdir())
+
+
+async def test_backlog_of_10000_files_with_flat_memory(tmp_path: Path) -> None:
+    for i in range(100):
+        sub = tmp_path / f"d{i:02}"
+        sub.mkdir()
+        for j in range(100):
+            (sub / f"r{j:02}.wav").touch()
+    tracemalloc.start()
+    try:
+        async with watching(WatchConfig(tmp_path, completion="quiet", quiet_seconds=0), maxsize=8) as (queue, _):
+            count, baseline = 0, 0
+            while count < 10_000:
+                await next_candidate(queue)
+                count += 1
+                if count == 500:  # after start-up allocations (thread, inotify, first batches)
+                    tracemalloc.reset_peak()
+                    baseline = tracemalloc.get_traced_memory()[0]
+            peak = tracemalloc.get_traced_memory()[1]
+            await nothing_within(queue, 0.2)
+    finally:
+        tracemalloc.stop()
+    print(f"peak growth {(peak - baseline) >> 10} KiB")
+    assert peak - baseline < 1 << 20, f"scan grew by {(peak - baseline) >> 10} KiB for 10,000 files"
+
+
+async def test_missing_capture_directory_is_reported_and_retried(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    capture = tmp_path / "capture"
+    caplog.set_level(logging.WARNING, "mediaseal.watcher")
+    async with watching(WatchConfig(capture, completion="rename"), rescan=0.2) as (queue, _):
+        await nothing_within(queue, 0.5)
+        drop(capture / "first.wav")
+        assert (await next_candidate(queue)).path == capture / "first.wav"
+    missing = [r for r in caplog.records if "is not there" in r.getMessage()]
+    assert len(missing) == 1
+
+
+UNREADABLE_SCRIPT = textwrap.dedent("""
+    import asyncio, json, logging, os, tempfile, time
+    from pathlib import Path
+    from agent.config import WatchConfig
+    from agent.metrics import REGISTRY
+    from agent.watcher import Watcher
+
+    def count(name):
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    async def main():
+        records = []
+        handler = logging.Handler()
+        handler.emit = lambda r: records.append(r.getMessage())
+        logging.getLogger("mediaseal.watcher").addHandler(handler)
+        d = Path(tempfile.mkdtemp())
+        locked = d / "locked.wav"
+        locked.write_bytes(b"x")
+        locked.chmod(0)
+        now = [time.time()]
+        queue, stop = asyncio.Queue(), asyncio.Event()
+        watcher = Watcher([WatchConfig(d, completion="rename")], rescan_seconds=0.05, clock=lambda: now[0])
+        task = asyncio.create_task(watcher.run(queue, stop))
+        while count("mediaseal_watcher_rescans_total") < 10:  # many scans meet the unreadable file
+            await asyncio.sleep(0.05)
+        early = queue.qsize()
+        locked.chmod(0o644)
+        now[0] += 30  # readable again, but the next look is due a minute after the last
+        scans = count("mediaseal_watcher_rescans_total")
+        while count("mediaseal_watcher_rescans_total") < scans + 5:
+            await asyncio.sleep(0.05)
+        early += queue.qsize()
+        now[0] += 31
+        got = await asyncio.wait_for(queue.get(), 5)
+        stop.set()
+        await task
+        locked.unlink()
+        d.rmdir()
+        unreadable = count("mediaseal_watcher_unreadable_total")
+        print(json.dumps({"early": early, "got": got.path.name, "unreadable": unreadable,
+                          "logged": [m for m in records if "cannot read" in m]}))
+
+    asyncio.run(main())
+""")
+
+
+def test_unreadable_file_is_reported_once_and_retried_slowly() -> None:
+    # Real EACCES: chmod 000 does not stop root, so as root the child runs without the two
+    # capabilities that let root ignore permission bits (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).
+    argv = [sys.executable, "-c", UNREADABLE_SCRIPT]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and util-linux setpriv (to drop CAP_DAC_OVERRIDE) is not installed")
+        argv = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False)
+    if "setpriv" in proc.stderr and proc.returncode != 0:
+        pytest.skip(f"cannot drop capabilities here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["early"] == 0  # never emitted while unreadable, nor within a minute of the last look
+    assert result["got"] == "locked.wav"  # picked up at the next look once readable
+    assert result["unreadable"] == 1  # counted once over 15 scans
+    assert len(result["logged"]) == 1
+    assert "Permission denied" in result["logged"][0]
+
+
+async def test_stop_returns_promptly_while_blocked_on_a_full_queue(tmp_path: Path) -> None:
+    for i in range(3):
+        drop(tmp_path / f"r{i}.wav")
+    queue: asyncio.Queue[Candidate] = asyncio.Queue(1)
+    stop = asyncio.Event()
+    watcher = Watcher([WatchConfig(tmp_path, completion="rename")], rescan_seconds=30)
+    task = asyncio.create_task(watcher.run(queue, stop))
+    await asyncio.wait_for(_until(queue.full), 5)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
