@@ -146,6 +146,7 @@ class Watcher:
                 RESCANS.inc()
                 await self._emit(out, self._scanner.full(), executor)
                 next_full = loop.time() + self._rescan_seconds
+                log.info("rescan-done", extra={"fields": {"next_in": self._rescan_seconds}})
             else:
                 items = [(i, self._scanner.watches[i].path) for i in self._flooded]
                 items += [(i, p) for i, paths in self._hints.items() if i not in self._flooded for p in paths]
@@ -172,7 +173,7 @@ class Watcher:
                     if self._is_busy(cand.path):
                         continue
                     DISCOVERED.labels(kind=cand.watch.kind).inc()
-                    log.debug("complete: %s", cand.path)
+                    log.debug("complete", extra={"fields": {"path": str(cand.path)}})
                     await out.put(cand)
         finally:
             with contextlib.suppress(ValueError):  # still running in the thread if we were cancelled
@@ -198,8 +199,8 @@ class Watcher:
             except Exception as e:  # (inotify watch limit, ...) scans still find everything, only later
                 if str(e) != reported:
                     reported = str(e)
-                    log.warning("no change events for %s (%s); relying on scans every %g s",
-                                watch.path, e, self._rescan_seconds)
+                    log.warning("watch-events-unavailable", extra={"fields": {
+                        "watch": str(watch.path), "error": str(e), "rescan_seconds": self._rescan_seconds}})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), min(self._rescan_seconds, _HINT_RETRY_SECONDS))
 
@@ -309,7 +310,7 @@ class _Scanner:
                             continue  # vanished between listing and stat
                         yield from self._consider(i, path, st)
                 except OSError as e:  # reading the directory failed midway (EIO on a network share)
-                    log.warning("scan of %s stopped early (%s); trying again at the next scan", directory, e)
+                    log.warning("scan-incomplete", extra={"fields": {"dir": str(directory), "error": str(e)}})
 
     def _check_one(self, i: int, path: Path) -> Iterator[Candidate]:
         watch = self.watches[i]
@@ -375,12 +376,13 @@ class _Scanner:
         except OSError as e:  # EACCES, EPERM, EIO...: say so once, then look once a minute
             reported = note is not None and note.reported
             if not reported:
-                log.warning("cannot read %s (%s); retrying every %g s", path, e.strerror, UNREADABLE_RETRY_SECONDS)
+                log.warning("unreadable", extra={"fields": {
+                    "path": str(path), "error": e.strerror, "retry_seconds": UNREADABLE_RETRY_SECONDS}})
                 UNREADABLE.inc()
             self.notes[path] = _Note(i, "unreadable", self.gen, due=now + UNREADABLE_RETRY_SECONDS, reported=True)
             return
         if note is not None and note.reported:
-            log.info("%s is readable now", path)
+            log.info("readable-again", extra={"fields": {"path": str(path)}})
         self.notes.pop(path, None)
         yield Candidate(path, watch, identity, marker)
 
@@ -404,7 +406,7 @@ class _Scanner:
     def _skip(self, i: int, path: Path, reason: str, *, unreadable: bool = False) -> None:
         note = self.notes.get(path)
         if note is None or note.state != "skipped":
-            log.warning("skipping %s: %s", path, reason)
+            log.warning("skipped", extra={"fields": {"path": str(path), "reason": reason}})
             if unreadable:
                 UNREADABLE.inc()
         self.notes[path] = _Note(i, "skipped", self.gen)
@@ -412,13 +414,13 @@ class _Scanner:
     def _root_missing(self, i: int, e: OSError) -> None:
         if i not in self.missing:
             self.missing.add(i)
-            log.warning("capture directory %s is not there (%s); looking again at every scan",
-                        self.watches[i].path, e.strerror)
+            log.warning("capture-dir-missing", extra={"fields": {"watch": str(self.watches[i].path),
+                                                                  "error": e.strerror}})
 
     def _root_present(self, i: int) -> None:
         if i in self.missing:
             self.missing.discard(i)
-            log.info("capture directory %s is there now", self.watches[i].path)
+            log.info("capture-dir-present", extra={"fields": {"watch": str(self.watches[i].path)}})
 
 
 def _is_real_dir(path: Path) -> bool:

@@ -68,6 +68,28 @@ def test_end_to_end_mixed_sizes_two_kinds(setup: Setup) -> None:
     assert kinds == {"call", "screen"}
 
 
+def test_dispose_move_and_keep(setup: Setup) -> None:
+    moved = setup.root / "done"
+    setup.watches[0].update(dispose="move", move_to=str(moved))
+    setup.watches.append({"path": str(setup.root / "kept"), "kind": "transcript", "completion": "rename",
+                          "dispose": "keep"})
+    setup.agent["rescan_seconds"] = 0.5
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    (setup.capture(0) / "sub").mkdir()
+    a = drop(setup.capture(0) / "sub", "a.wav", b"a" * 3000)
+    k = drop(setup.capture(1), "chat.txt", b"hello" * 100)
+    agent.wait_for("delivered", count=2)
+    assert (moved / "sub" / "a.wav").read_bytes() == b"a" * 3000
+    assert not (setup.capture(0) / "sub" / "a.wav").exists()
+    assert (setup.capture(1) / "chat.txt").exists()  # kept, and never sealed a second time:
+    agent.wait_for("rescan-done", count=3)
+    assert agent.stop() == 0
+    assert sum('"sealing"' in line and "chat.txt" in line for line in agent.lines) == 1
+    got = decrypt_all(setup.repository, setup.keyring)
+    assert got == {"a.wav": [a], "chat.txt": [k]}
+
+
 def test_quiet_mode_waits_for_a_slow_writer(setup: Setup) -> None:
     setup.watches[0].update(completion="quiet", quiet_seconds=1.0)
     agent = Agent(setup)

@@ -186,9 +186,9 @@ async def test_symlinks_are_never_followed(tmp_path: Path, caplog: pytest.LogCap
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(collect(), 1.5)  # several full scans
     assert seen == {capture / "real.wav"}  # (re-emitted by each scan: the pipeline dedups)
-    skips = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
-    assert sorted(skips) == [f"skipping {capture / name}: symbolic link, not followed"
-                             for name in ("link.wav", "linkdir")]  # each logged once
+    skips = [r.fields for r in caplog.records if r.getMessage() == "skipped"]  # type: ignore[attr-defined]
+    assert sorted(skips, key=str) == [{"path": str(capture / name), "reason": "symbolic link, not followed"}
+                                      for name in ("link.wav", "linkdir")]  # each logged once
 
 
 async def test_move_to_inside_capture_dir_is_skipped(tmp_path: Path) -> None:
@@ -258,7 +258,7 @@ async def test_missing_capture_directory_is_reported_and_retried(tmp_path: Path,
         await nothing_within(queue, 0.5)
         drop(capture / "first.wav")
         assert (await next_candidate(queue)).path == capture / "first.wav"
-    missing = [r for r in caplog.records if "is not there" in r.getMessage()]
+    missing = [r for r in caplog.records if r.getMessage() == "capture-dir-missing"]
     assert len(missing) == 1
 
 
@@ -275,7 +275,7 @@ UNREADABLE_SCRIPT = textwrap.dedent("""
     async def main():
         records = []
         handler = logging.Handler()
-        handler.emit = lambda r: records.append(r.getMessage())
+        handler.emit = lambda r: records.append(r.getMessage() + " " + json.dumps(getattr(r, "fields", {})))
         logging.getLogger("mediaseal.watcher").addHandler(handler)
         d = Path(tempfile.mkdtemp())
         locked = d / "locked.wav"
@@ -302,7 +302,7 @@ UNREADABLE_SCRIPT = textwrap.dedent("""
         d.rmdir()
         unreadable = count("mediaseal_watcher_unreadable_total")
         print(json.dumps({"early": early, "got": got.path.name, "unreadable": unreadable,
-                          "logged": [m for m in records if "cannot read" in m]}))
+                          "logged": [m for m in records if m.startswith("unreadable")]}))
 
     asyncio.run(main())
 """)
