@@ -1,0 +1,58 @@
+"""The filesystem repository's confirm contract, on real files: hard link on the spool's filesystem,
+a hashed copy otherwise, and the receipt says what the repository really holds."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from uploader import FilesystemRepository, PermanentRepositoryError, TransientRepositoryError, Upload
+
+
+def package(tmp_path: Path, data: bytes) -> Upload:
+    p = tmp_path / "spool.mseal"
+    p.write_bytes(data)
+    p.chmod(0o600)  # as the spool makes them
+    return Upload(key="call/2026/11/28/rec-1.mseal", path=p, size=len(data),
+                  sha256=hashlib.sha256(data).hexdigest(), metadata={})
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_put_confirms_size_and_hash(tmp_path: Path, link: bool) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    data = os.urandom(3 << 20)
+    up = package(tmp_path, data)
+    receipt = asyncio.run(FilesystemRepository(root, link=link).put(up))
+    stored = root / up.key
+    assert (receipt.size, receipt.sha256) == (len(data), up.sha256)
+    assert stored.read_bytes() == data
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert (stored.stat().st_ino == up.path.stat().st_ino) is link
+    assert [p.name for p in stored.parent.iterdir()] == ["rec-1.mseal"]  # no temp file left
+    again = asyncio.run(FilesystemRepository(root, link=link).put(up))  # a replay overwrites in place
+    assert again == receipt and len(list(root.rglob("*.mseal"))) == 1
+
+
+def test_copy_reports_what_it_read_not_what_the_manifest_says(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    up = package(tmp_path, b"sealed bytes" * 1000)
+    with open(up.path, "r+b") as f:  # the spool file rotted after sealing
+        f.write(b"X")
+    receipt = asyncio.run(FilesystemRepository(root, link=False).put(up))
+    assert receipt.sha256 != up.sha256  # so the pipeline refuses to count it as delivered
+
+
+def test_missing_root_is_transient_and_escaping_key_is_permanent(tmp_path: Path) -> None:
+    up = package(tmp_path, b"x")
+    with pytest.raises(TransientRepositoryError, match="not mounted"):
+        asyncio.run(FilesystemRepository(tmp_path / "absent").put(up))
+    (tmp_path / "repo").mkdir()
+    up.key = "../../etc/passwd"
+    with pytest.raises(PermanentRepositoryError, match="escapes"):
+        asyncio.run(FilesystemRepository(tmp_path / "repo").put(up))
