@@ -108,22 +108,23 @@ def seal(
     cs = header.chunk_size
     sink: _Sink = _ThreadedSink(dst, stride(cs), digest) if overlap else _Sink(dst, stride(cs), digest)
     sealer = ChunkSealer(keys.payload, cs)
-    cur, nxt = memoryview(bytearray(cs)), memoryview(bytearray(cs))
+    # One input buffer, so a chunk is still cache-warm when it is sealed. A full chunk is the last one
+    # only if nothing follows it: a one-byte look-ahead tells, and that byte starts the next chunk.
+    buf, peek = memoryview(bytearray(cs)), memoryview(bytearray(1))
     try:
         sink.put_bytes(header.encode())
-        n = _read_full(src, cur)
+        n = _read_full(src, buf)
         total, chunks = n, 0
         while True:
-            # A full chunk is the last one only if nothing follows it: look one chunk ahead.
-            m = _read_full(src, nxt) if n == cs else 0
-            last = m == 0
+            last = n < cs or _read_full(src, peek) == 0
             out = sink.buffer()
-            sink.submit(out, sealer.seal_into(cur[:n], out, last))
+            sink.submit(out, sealer.seal_into(buf[:n], out, last))
             chunks += 1
             if last:
                 break
-            cur, nxt, n = nxt, cur, m
-            total += m
+            buf[0] = peek[0]
+            n = 1 + _read_full(src, buf[1:])
+            total += n
     except BaseException:
         sink.abort()
         raise
@@ -366,18 +367,37 @@ class _ThreadedSink(_Sink):
     backpressure: the sealer waits for a free buffer when the writer falls behind.
     """
 
-    BUFFERS = 4
+    BUFFERS = 2  # two in flight keep the writer busy; more only evict the cache (see docs/BENCHMARKS.md)
 
     def __init__(self, dst: Writable, size: int, digest: bool) -> None:
         super().__init__(dst, size, digest)
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-        for _ in range(self.BUFFERS):
+        for _ in range(self.BUFFERS + (2 if digest else 0)):  # two more keep the hasher fed
             self._free.put(memoryview(bytearray(size)))
         # Each item: the bytes to write, and the buffer to hand back once written (None: nothing).
         self._full: queue.SimpleQueue[tuple[memoryview, memoryview | None] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        # With a digest, a second helper hashes each buffer after it is written (in order), so hashing
+        # chunk i overlaps writing chunk i+1 instead of following it on the writer thread.
+        self._hashq: queue.SimpleQueue[tuple[memoryview, memoryview | None] | None] = queue.SimpleQueue()
+        self._hasher: threading.Thread | None = None
+        if self._sha is not None:
+            self._hasher = threading.Thread(target=self._hash_run, name="mediaseal-hasher", daemon=True)
+            self._hasher.start()
         self._thread = threading.Thread(target=self._run, name="mediaseal-writer", daemon=True)
         self._thread.start()
+
+    def _write(self, view: memoryview) -> None:  # the hasher thread does the digest
+        _write_all(self._dst, view)
+        self.written += len(view)
+
+    def _hash_run(self) -> None:
+        assert self._sha is not None
+        while (item := self._hashq.get()) is not None:
+            view, recycle = item
+            self._sha.update(view)
+            if recycle is not None:
+                self._free.put(recycle)
 
     def _run(self) -> None:
         while (item := self._full.get()) is not None:
@@ -387,8 +407,13 @@ class _ThreadedSink(_Sink):
                     self._write(view)
                 except BaseException as e:  # handed to the sealing thread, which raises it
                     self._error = e
-            if recycle is not None:
+            if self._hasher is not None:
+                self._hashq.put(item)
+            elif recycle is not None:
                 self._free.put(recycle)
+        if self._hasher is not None:
+            self._hashq.put(None)
+            self._hasher.join()
 
     def buffer(self) -> memoryview:
         if self._error is not None:

@@ -1,0 +1,1 @@
+"""Benchmarks: throughput ratios against same-run baselines (docs/BENCHMARKS.md). Run by path."""
