@@ -67,3 +67,39 @@ def codec_keyring() -> Callable[..., CodecTestKeyring]:
         return CodecTestKeyring({k.kid: k.private_key for k in keks} | (extra or {}))
 
     return make
+
+
+# --- S3: moto's ThreadedMotoServer on loopback, a fault proxy in front of it (tests/s3_support.py) -------
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto on 127.0.0.1:<random port>, with fake AWS credentials in the environment (real ones hidden)."""
+    import s3_support
+
+    with s3_support.aws_test_env():
+        server = s3_support.MotoServer.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server) -> str:
+    """A fresh, empty bucket in moto."""
+    import s3_support
+
+    return s3_support.make_bucket(moto_server.url)
+
+
+@pytest.fixture
+def fault_proxy(moto_server):
+    """A FaultProxy in front of moto (its own thread and loop); `fault_proxy.url` is the endpoint."""
+    import s3_support
+
+    proxy = s3_support.FaultProxy(moto_server.host, moto_server.port).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -15,10 +15,11 @@ from uploader.base import (
     Upload,
     repository_key,
 )
+from uploader.breaker import CircuitBreaker
 from uploader.filesystem import FilesystemRepository
 
 __all__ = [
-    "FilesystemRepository", "PermanentRepositoryError", "Receipt", "Repository", "RepositoryError",
+    "CircuitBreaker", "FilesystemRepository", "PermanentRepositoryError", "Receipt", "Repository", "RepositoryError",
     "TransientRepositoryError", "Upload", "open_repository", "repository_key",
 ]
 
