@@ -5,8 +5,10 @@
 >>> recipient = await keys.wait_current(stop)   # pauses intake while the key material is too old
 
 Sources: a keyring directory (its public part only: `Keyring.open` never reads a private key) or a
-signed key set file verified against the pinned signer. The last valid key stays in use through
-outages of its source until it is older than `max_staleness_seconds`; then intake stops.
+signed key set (file, https:// with an optional CA bundle, s3://; keys.sources), verified against the
+pinned signer, refreshed with ETags, and never rolled back to a lower serial. The last valid key
+stays in use through outages of its source (or a rejected set) until it is older than
+`max_staleness_seconds`; then intake stops, with a `key-set-stale` log line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from agent import metrics
 from agent.config import KeysConfig
 from keys.errors import KeysError
 from keys.keyring import Keyring
-from keys.keyset import load_signer, verify_keyset
+from keys.keyset import KeySet, load_signer
+from keys.sources import KeySetFollower, open_source
 
 log = logging.getLogger("mediaseal.keys")
 
@@ -36,22 +39,43 @@ class PublicKeys:
         self._recipient: codec.Recipient | None = None
         self._loaded_at = 0.0  # monotonic time of the last successful load
         self._changed = asyncio.Event()
+        self._follower: KeySetFollower | None = None  # key set sources (made on first use)
+        self._stale = False
 
     def load(self) -> codec.Recipient:
-        """Read and check the key source once (blocking)."""
+        """Read and check a keyring's public part once (blocking). Key sets are followed by `refresh`."""
         if self.config.keyring is not None:
             return Keyring.open(self.config.keyring).recipient()
         if self.config.keyset is None or self.config.signer is None:
             raise NoValidKeyError("config names no keyring and no key set")
-        if "://" in self.config.keyset:
-            raise NoValidKeyError(f"key set source {self.config.keyset} is not supported yet (use a file path)")
-        signer = load_signer(self.config.signer.read_bytes())
-        return verify_keyset(Path(self.config.keyset).read_bytes(), signer).recipient()
+        raise NoValidKeyError("key sets are loaded by refresh()")
+
+    def _make_follower(self) -> KeySetFollower:
+        assert self.config.keyset is not None
+        assert self.config.signer is not None
+        signer = load_signer(Path(self.config.signer).read_bytes())
+        try:
+            source = open_source(self.config.keyset, ca_bundle=self.config.ca_bundle)
+        except ValueError as e:
+            raise NoValidKeyError(str(e)) from None
+        return KeySetFollower(source, signer)
+
+    async def _load_keyset(self) -> codec.Recipient:
+        if self._follower is None:
+            self._follower = await asyncio.to_thread(self._make_follower)
+        before = self._follower.keyset
+        keyset = await self._follower.refresh()
+        if keyset is not before:
+            _log_keyset(keyset, self._follower.source.location)
+        return keyset.recipient()
 
     async def refresh(self) -> bool:
         """Load the key source; keep the previous key on failure. Returns whether a key was loaded."""
         try:
-            recipient = await asyncio.to_thread(self.load)
+            if self.config.keyring is None and self.config.keyset is not None and self.config.signer is not None:
+                recipient = await self._load_keyset()
+            else:
+                recipient = await asyncio.to_thread(self.load)
         except (KeysError, NoValidKeyError, OSError, codec.CodecError) as e:
             reason = type(e).__name__
             metrics.KEY_REFRESH_FAILURES.labels(reason).inc()
@@ -60,6 +84,9 @@ class PublicKeys:
             return False
         previous = self._recipient
         self._recipient, self._loaded_at = recipient, time.monotonic()
+        if self._stale:
+            self._stale = False
+            log.info("key-set-fresh", extra={"fields": {"kid": recipient.kid}})
         if previous is None or previous.kid != recipient.kid:
             if previous is not None:
                 metrics.CURRENT_KID.remove(previous.kid)
@@ -76,6 +103,12 @@ class PublicKeys:
         age = time.monotonic() - self._loaded_at
         metrics.KEYSET_AGE.set(age)
         if age > self.config.max_staleness_seconds:
+            if not self._stale:
+                self._stale = True
+                log.error("key-set-stale", extra={"fields": {
+                    "error": f"no valid key set for {age:.0f} s (max_staleness_seconds="
+                             f"{self.config.max_staleness_seconds:g}): intake stopped until the key source recovers",
+                    "kid": self._recipient.kid}})
             return None
         return self._recipient
 
@@ -100,3 +133,11 @@ class PublicKeys:
                 await asyncio.wait_for(stop.wait(), timeout=self.config.refresh_seconds)
             except TimeoutError:
                 await self.refresh()
+
+
+def _log_keyset(keyset: KeySet, location: str) -> None:
+    """One line per newly accepted key set: which key is current, which are pending (agents warm up)."""
+    pending = [k.kid for k in keyset.keys if k.state == "pending"]
+    log.info("keyset-loaded", extra={"fields": {
+        "serial": keyset.serial, "current": keyset.current, "pending": ",".join(pending), "source": location,
+        "expires_at": keyset.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")}})

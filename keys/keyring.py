@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -59,11 +60,16 @@ from keys.keyset import (
     parse_time,
     signer_id,
 )
+from keys.kms import KmsOptions, KmsProtector
 from keys.protect import MASTER_KEY_SIZE, MasterKeyProtector, PassphraseProtector, Protector, key_aad
 
 FORMAT = "mediaseal-keyring/1"
-PASSPHRASE, MASTER_KEY = "passphrase", "master-key"
-PROTECTIONS = (PASSPHRASE, MASTER_KEY)
+PASSPHRASE, MASTER_KEY, KMS = "passphrase", "master-key", "kms"
+PROTECTIONS = (PASSPHRASE, MASTER_KEY, KMS)
+# Rotation schedule (keys.rotation acts on it): nominal shortest length of each period, in seconds.
+SCHEDULE_PERIODS: dict[str, int] = {"daily": 86400, "weekly": 7 * 86400, "monthly": 28 * 86400,
+                                    "yearly": 365 * 86400, "disabled": 0}
+_OPTIONAL_MEMBERS = {"kms", "schedule"}  # keyring.json members that only some keyrings have
 PASSPHRASE_ENV = "MEDIASEAL_KEYRING_PASSPHRASE"  # noqa: S105  # a variable name, not a secret
 KEK_BITS, KEK_EXPONENT = 3072, 65537
 KEK_PURPOSE, SIGNER_PURPOSE = "kek", "signer"
@@ -111,6 +117,30 @@ class KeyRecord:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class RotationSchedule:
+    """keyring.json's "schedule": how often a new KEK is made, and how long it stays pending first."""
+
+    every: str = "disabled"  # daily | weekly | monthly | yearly | disabled
+    grace_seconds: int = 86400  # pending -> current after this long (agents fetch it meanwhile)
+
+    @classmethod
+    def make(cls, every: str, grace_seconds: int | None = None) -> RotationSchedule:
+        """Validated; the default grace is a day, or a quarter of the period if that is shorter."""
+        if every not in SCHEDULE_PERIODS:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_PERIODS)} (got {every!r})")
+        period = SCHEDULE_PERIODS[every]
+        grace = min(86400, period // 4 or 86400) if grace_seconds is None else grace_seconds
+        if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+            raise ValueError("grace_seconds must be a whole number >= 0")
+        if period and grace >= period:
+            raise ValueError(f"grace_seconds must be shorter than the {every} period ({period} s)")
+        return cls(every, grace)
+
+    def to_json(self) -> dict[str, object]:
+        return {"every": self.every, "grace_seconds": self.grace_seconds}
+
+
 def generate_kek() -> rsa.RSAPrivateKey:
     """A new RSA-3072 (e=65537) key-encryption key."""
     return rsa.generate_private_key(public_exponent=KEK_EXPONENT, key_size=KEK_BITS)
@@ -138,41 +168,61 @@ def passphrase_from(env: Mapping[str, str], passphrase_file: Path | None) -> byt
 class Keyring:
     """A keyring directory. `open` reads only public material; secrets are needed only to change or use keys."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, kms: KmsOptions | None = None) -> None:
         """Open the keyring at `path` (same as `Keyring.open`)."""
         self.path = Path(path)
+        self.kms_options = kms or KmsOptions()  # used only by a KMS-protected keyring's private side
         self._load()
 
     @classmethod
-    def open(cls, path: Path) -> Keyring:
-        """Load keyring.json and the public keys. Never needs, or reads, a secret."""
-        return cls(path)
+    def open(cls, path: Path, *, kms: KmsOptions | None = None) -> Keyring:
+        """Load keyring.json and the public keys. Never needs, or reads, a secret (nor calls KMS)."""
+        return cls(path, kms=kms)
+
+    def reload(self) -> None:
+        """Re-read keyring.json (a long-lived holder: another process may have changed it)."""
+        self._load()
 
     @classmethod
-    def init(cls, path: Path, passphrase: bytes | None, *, alg: str = RSA_OAEP_256) -> Keyring:
+    def init(cls, path: Path, passphrase: bytes | None, *, alg: str = RSA_OAEP_256, kms_key_id: str | None = None,
+             kms: KmsOptions | None = None) -> Keyring:
         """Create a keyring with one RSA-3072 KEK (current, active) and an Ed25519 key set signer.
 
         With `passphrase` None the keys are protected by a random master.key inside the keyring,
-        which protects them only as well as that file is protected.
+        which protects them only as well as that file is protected. With `kms_key_id` (a KMS key id,
+        ARN, alias or alias ARN) they are sealed by KMS Encrypt instead (keys.kms), and no passphrase
+        is taken.
         """
         if alg not in WRAP_ALGORITHMS:
             raise ValueError(f"alg must be one of {', '.join(WRAP_ALGORITHMS)}")
+        if kms_key_id is not None and passphrase is not None:
+            raise ValueError("a KMS-protected keyring takes no passphrase")
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise KeyringExistsError(f"{path} exists and is not an empty directory; refusing to create a keyring")
+        signer = ed25519.Ed25519PrivateKey.generate()
+        sid = signer_id(signer.public_key())
+        extra: dict[str, Any] = {}
+        if kms_key_id is not None:
+            kms_protector = KmsProtector(kms_key_id, kms)
+            # Sealed before anything is on disk: if KMS refuses, init leaves nothing behind.
+            signer_envelope = kms_protector.seal(_pkcs8(signer), key_aad(SIGNER_PURPOSE, sid))
+            extra["kms"] = {"key_id": kms_key_id, "key_arn": kms_protector.key_arn}
         for d in (path, path / _PUBLIC, path / _PRIVATE):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
         protector: Protector
-        if passphrase is not None:
+        if kms_key_id is not None:
+            protector, protection = kms_protector, KMS
+        elif passphrase is not None:
             protector, protection = PassphraseProtector(passphrase), PASSPHRASE
         else:
             master = secrets.token_bytes(MASTER_KEY_SIZE)
             _write_atomic(path / _MASTER_KEY, master)
             protector, protection = MasterKeyProtector(master), MASTER_KEY
-        signer = ed25519.Ed25519PrivateKey.generate()
-        sid = signer_id(signer.public_key())
-        _write_json(path / _PRIVATE / _SIGNER_PRIVATE, protector.seal(_pkcs8(signer), key_aad(SIGNER_PURPOSE, sid)))
+        if kms_key_id is None:
+            signer_envelope = protector.seal(_pkcs8(signer), key_aad(SIGNER_PURPOSE, sid))
+        _write_json(path / _PRIVATE / _SIGNER_PRIVATE, signer_envelope)
         _write_atomic(path / _SIGNER_PEM, _spki_pem(signer.public_key()))
         kek = generate_kek()
         kid = thumbprint(kek.public_key())
@@ -185,18 +235,39 @@ class Keyring:
             "serial": 0,
             "keys": [KeyRecord(kid, alg, ACTIVE, now, activated_at=now).to_json()],
             "signer": {"id": sid, "alg": "Ed25519", "created_at": now},
+            **extra,
         }
         # keyring.json last: it is the commit point; a crash before it leaves no keyring, only files.
         _write_json(path / _KEYRING_JSON, doc)
         _fsync_dir(path.parent)
-        return cls(path)
+        return cls(path, kms=kms)
 
     # -- public side ---------------------------------------------------------------------------
 
     @property
     def protection(self) -> str:
-        """"passphrase" or "master-key": whether the private side needs a passphrase."""
+        """"passphrase", "master-key" or "kms": what the private side needs."""
         return self._protection
+
+    @property
+    def kms_key_arn(self) -> str | None:
+        """The KMS key the private side is sealed under (KMS protection only)."""
+        kms = self._optional.get("kms")
+        return str(kms["key_arn"]) if kms else None
+
+    @property
+    def schedule(self) -> RotationSchedule:
+        """The rotation schedule (disabled unless set); keys.rotation.rotate_if_due acts on it."""
+        raw = self._optional.get("schedule")
+        return RotationSchedule(**raw) if raw else RotationSchedule()
+
+    def set_schedule(self, schedule: RotationSchedule) -> RotationSchedule:
+        """Store the rotation schedule (no secret needed: it changes no key)."""
+        schedule = RotationSchedule.make(schedule.every, schedule.grace_seconds)
+        with self._locked():
+            self._optional["schedule"] = schedule.to_json()
+            self._commit(list(self._records.values()), current=self._current)
+        return schedule
 
     @property
     def signer(self) -> ed25519.Ed25519PublicKey:
@@ -243,11 +314,13 @@ class Keyring:
 
     # -- changes (each under the keyring lock, each ending in one atomic keyring.json write) ----
 
-    def rotate(self, passphrase: bytes | None, *, pending: bool = False, alg: str | None = None) -> KeyRecord:
+    def rotate(self, passphrase: bytes | None, *, pending: bool = False, alg: str | None = None,
+               at: datetime | None = None) -> KeyRecord:
         """Add a new RSA-3072 KEK (alg defaults to the current key's).
 
         Immediate: it becomes current and active, the previous current becomes decrypt-only.
         `pending=True`: it is only added as pending (publish, let agents warm up, then `activate`).
+        `at`: the time recorded (default now; keys.rotation passes its clock).
         """
         if alg is not None and alg not in WRAP_ALGORITHMS:
             raise ValueError(f"alg must be one of {', '.join(WRAP_ALGORITHMS)}")
@@ -261,7 +334,7 @@ class Keyring:
             if kid in self._records:
                 raise KeyStateError(f"key {kid} is already in keyring {self.path}")
             _store_kek(self.path, kid, kek, protector)  # files first; keyring.json commits them
-            now = _now()
+            now = _now(at)
             new = KeyRecord(kid, alg or self.current().alg, PENDING if pending else ACTIVE, now,
                             activated_at=None if pending else now)
             records = list(self._records.values())
@@ -270,7 +343,7 @@ class Keyring:
             self._commit([*records, new], current=self._current if pending else kid)
         return new
 
-    def activate(self, kid: str, passphrase: bytes | None) -> KeyRecord:
+    def activate(self, kid: str, passphrase: bytes | None, *, at: datetime | None = None) -> KeyRecord:
         """Make a pending (or decrypt-only: roll back) key current; the old current becomes decrypt-only.
 
         Needs the secret because the key's private half is opened first: a key nobody can
@@ -284,7 +357,7 @@ class Keyring:
             if rec.state not in (PENDING, DECRYPT_ONLY):
                 raise KeyStateError(f"key {kid} is {rec.state}; retired keys can't come back")
             self._load_private(kid, protector)
-            now = _now()
+            now = _now(at)
             new = replace(rec, state=ACTIVE, activated_at=now, deactivated_at=None)
             records = [new if r.kid == kid else self._demoted(r, now) if r.kid == self._current else r
                        for r in self._records.values()]
@@ -333,6 +406,8 @@ class Keyring:
     # -- internals -----------------------------------------------------------------------------
 
     def _protector(self, passphrase: bytes | None) -> Protector:
+        if self._protection == KMS:  # a passphrase, if one happens to be set, plays no part
+            return KmsProtector(str(self._optional["kms"]["key_arn"]), self.kms_options)
         if self._protection == PASSPHRASE:
             if not passphrase:
                 raise PassphraseRequiredError(
@@ -393,6 +468,7 @@ class Keyring:
             "serial": self._serial if serial is None else serial,
             "keys": [r.to_json() for r in records],
             "signer": self._signer_doc,
+            **self._optional,
         }
         _write_json(self.path / _KEYRING_JSON, doc)
         self._load()
@@ -408,7 +484,8 @@ class Keyring:
             doc = json.loads(raw)
         except (ValueError, RecursionError) as e:
             raise KeyringFormatError(f"{self.path / _KEYRING_JSON} is not valid JSON: {e}") from None
-        if not isinstance(doc, dict) or set(doc) != {"format", "protection", "current", "serial", "keys", "signer"}:
+        required = {"format", "protection", "current", "serial", "keys", "signer"}
+        if not isinstance(doc, dict) or not required <= set(doc) <= required | _OPTIONAL_MEMBERS:
             raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: missing or unknown members")
         if doc["format"] != FORMAT:
             raise KeyringFormatError(f"{self.path / _KEYRING_JSON}: unknown format {doc['format']!r}")
@@ -427,6 +504,9 @@ class Keyring:
         signer = _load_signer_pem(self.path / _SIGNER_PEM)
         if signer_id(signer) != signer_doc["id"]:
             raise KeyringFormatError(f"keyring {self.path}: signer.pem does not match the signer id in keyring.json")
+        optional = {name: doc[name] for name in _OPTIONAL_MEMBERS if name in doc}
+        _check_optional(optional, doc["protection"], self.path / _KEYRING_JSON)
+        self._optional: dict[str, Any] = optional
         self._protection: str = doc["protection"]
         self._current: str = doc["current"]
         self._serial: int = serial
@@ -446,17 +526,25 @@ class KeyringUnwrapper:
     def __init__(self, keyring: Keyring, protector: Protector) -> None:
         self._keyring = keyring
         self._protector = protector
-        self._keys: dict[str, rsa.RSAPrivateKey] = {}
+        # A protector with a `cache_seconds` (KMS) bounds how long an opened key stays here; then it
+        # is opened again, so revoking the protector's access takes effect within that time.
+        ttl = getattr(protector, "cache_seconds", None)
+        self._ttl: float | None = float(ttl) if ttl is not None else None
+        self._keys: dict[str, tuple[rsa.RSAPrivateKey, float]] = {}  # kid -> (key, monotonic time opened)
 
     def __repr__(self) -> str:
         return f"KeyringUnwrapper({str(self._keyring.path)!r})"
 
     def private_key(self, kid: str) -> rsa.RSAPrivateKey:
         """The private KEK `kid` (any state), opening it with the keyring's secret if not yet open."""
-        if kid not in self._keys:
-            self._keyring.record(kid)
-            self._keys[kid] = self._keyring._load_private(kid, self._protector)
-        return self._keys[kid]
+        cached = self._keys.get(kid)
+        if cached is not None and (self._ttl is None or time.monotonic() - cached[1] < self._ttl):
+            return cached[0]
+        self._keys.pop(kid, None)  # expired: dropped before asking again, whatever the answer
+        self._keyring.record(kid)
+        key = self._keyring._load_private(kid, self._protector)
+        self._keys[kid] = (key, time.monotonic())
+        return key
 
     def unwrap(self, wraps: Sequence[Wrap]) -> bytes:
         """The DEK from the first wrap for a key held here that is not retired and has the wrap's alg."""
@@ -479,6 +567,23 @@ class KeyringUnwrapper:
             raise failure
         raise NoMatchingKeyError(
             f"no usable key in keyring {self._keyring.path} for the package's wraps: {', '.join(notes) or 'none'}")
+
+
+def _check_optional(optional: dict[str, Any], protection: str, path: Path) -> None:
+    kms = optional.get("kms")
+    if (kms is not None) != (protection == KMS):
+        raise KeyringFormatError(f"{path}: a kms member goes with, and only with, protection {KMS!r}")
+    if kms is not None and (not isinstance(kms, dict) or set(kms) != {"key_id", "key_arn"}
+                            or not all(isinstance(v, str) and v for v in kms.values())):
+        raise KeyringFormatError(f"{path}: kms must name key_id and key_arn")
+    schedule = optional.get("schedule")
+    if schedule is not None:
+        if not isinstance(schedule, dict) or set(schedule) != {"every", "grace_seconds"}:
+            raise KeyringFormatError(f"{path}: schedule must have exactly every and grace_seconds")
+        try:
+            RotationSchedule.make(schedule["every"], schedule["grace_seconds"])
+        except ValueError as e:
+            raise KeyringFormatError(f"{path}: schedule: {e}") from None
 
 
 def _check_records(records: Sequence[KeyRecord], current: object, path: Path) -> None:
@@ -527,8 +632,8 @@ def _spki_pem(key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _now() -> str:
-    return format_time(datetime.now(UTC))
+def _now(at: datetime | None = None) -> str:
+    return format_time(at or datetime.now(UTC))
 
 
 def _read_json(path: Path) -> Any:
