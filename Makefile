@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-peers soak clean
+.PHONY: run test tools lint bench bench-peers soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,20 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)  ## the agent on its embedded default under ./mediaseal-data/
 	$(VENV)/bin/mediaseal run
 
-test: $(STAMP)  ## lint, type-check, then the whole suite
+test: $(STAMP) tools  ## lint, type-check, then the whole suite
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# systemd-analyze checks the systemd units (tests/test_packaging.py). Missing: installed with apt-get
+# when running as root (package "systemd"; not started, only its tools are used); otherwise the tests skip.
+tools:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing systemd-analyze (package systemd) for the unit tests"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      systemd; } || echo "make: could not install systemd-analyze: the unit tests will skip"; \
+	  else echo "make: systemd-analyze not found: the systemd unit tests will skip (install package systemd)"; fi; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,7 @@ Expected failures (a tampered package, a wrong key, a missing file, bad config) 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import io
@@ -26,6 +27,8 @@ import codec
 from keys import keyring as kr
 from keys import keyset as ks
 from keys.errors import KeysError
+from keys.kms import DEFAULT_CACHE_SECONDS, KmsOptions
+from keys.lkm import options as lkm_options
 
 EXIT_FAILURE = 1
 
@@ -53,7 +56,18 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     return kr.passphrase_from(os.environ, getattr(args, "passphrase_file", None))
 
 
+def _kms_options(args: argparse.Namespace) -> KmsOptions:
+    seconds = getattr(args, "kms_cache_seconds", None)
+    return KmsOptions(cache_seconds=DEFAULT_CACHE_SECONDS if seconds is None else seconds)
+
+
 def cmd_keys_init(args: argparse.Namespace) -> None:
+    if args.kms_key_id:
+        if args.passphrase_file:
+            raise CommandError("--kms-key-id and --passphrase-file exclude each other: KMS protects the keys")
+        ring = kr.Keyring.init(args.keyring, None, alg=args.alg, kms_key_id=args.kms_key_id)
+        print(ring.current().kid)
+        return
     passphrase = _passphrase(args)
     ring = kr.Keyring.init(args.keyring, passphrase, alg=args.alg)
     if passphrase is None:
@@ -66,8 +80,50 @@ def cmd_keys_init(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> None:
-    ring = kr.Keyring.open(args.keyring)
+    ring = kr.Keyring.open(args.keyring, kms=_kms_options(args))
+    if args.if_due:  # for a timer: exits 0 whether or not anything was due, saying what it did
+        from keys.rotation import rotate_if_due
+
+        print(rotate_if_due(ring, _passphrase(args)))
+        return
     print(ring.rotate(_passphrase(args)).kid)
+
+
+def cmd_keys_schedule(args: argparse.Namespace) -> None:
+    from keys.rotation import next_rotation
+
+    ring = kr.Keyring.open(args.keyring)
+    if args.set is not None:
+        try:
+            ring.set_schedule(kr.RotationSchedule.make(args.set, args.grace))
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+    elif args.grace is not None:
+        raise CommandError("--grace goes with --set")
+    s = ring.schedule
+    due = next_rotation(ring)
+    print(f"schedule {s.every}, grace {s.grace_seconds} s; next pending key: "
+          f"{ks.format_time(due) if due else 'never (disabled)'}")
+
+
+def cmd_keys_retire(args: argparse.Namespace) -> None:
+    from keys.rotation import retire_key
+
+    ring = kr.Keyring.open(args.keyring)
+    print(asyncio.run(retire_key(ring, args.kid, args.repository, force=args.force, endpoint_url=args.endpoint_url)))
+
+
+def cmd_keys_rewrap(args: argparse.Namespace) -> None:
+    from keys.rotation import rewrap_repository
+
+    ring = kr.Keyring.open(args.keyring, kms=_kms_options(args))
+    report = asyncio.run(rewrap_repository(ring, _passphrase(args), args.repository, from_kid=args.from_kid,
+                                           endpoint_url=args.endpoint_url))
+    for location, error in report.failed:
+        print(f"mediaseal: error: {location}: {error}", file=sys.stderr)
+    print(report.summary())
+    if report.failed:
+        raise CommandError(f"{len(report.failed)} package(s) could not be re-wrapped (listed above)")
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
@@ -125,9 +181,13 @@ def cmd_encrypt(args: argparse.Namespace) -> None:
 
 
 def _unwrapper(args: argparse.Namespace) -> codec.Unwrapper:
+    if getattr(args, "lkm", None):
+        if args.keyring:
+            raise CommandError("--lkm and --keyring exclude each other: choose one key provider")
+        return lkm_options.client_from_args(args)  # imports aiohttp only for this provider
     if args.keyring:
-        return kr.Keyring.open(args.keyring).unlock(_passphrase(args))
-    raise CommandError("decrypting needs a key provider: --keyring DIR")
+        return kr.Keyring.open(args.keyring, kms=_kms_options(args)).unlock(_passphrase(args))
+    raise CommandError("decrypting needs a key provider: --keyring DIR or --lkm URL")
 
 
 def cmd_decrypt(args: argparse.Namespace) -> None:
@@ -151,6 +211,13 @@ def cmd_verify(args: argparse.Namespace) -> None:
         reader = codec.open_package(src, _unwrapper(args))
         size = reader.verify()
     print(f"ok: {reader.header.metadata.recording_id}, {size} bytes, {reader.layout.chunks} chunks authenticated")
+
+
+def cmd_lkm_serve(args: argparse.Namespace) -> None:
+    from agent.log import setup_logging
+
+    setup_logging(args.log_format)
+    lkm_options.serve_command(args)  # keys.lkm.service: runs until SIGTERM/SIGINT
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -274,6 +341,22 @@ def _chunk_size(text: str) -> int:
     return value
 
 
+def _kms_opts(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--kms-cache-seconds", type=_seconds, metavar="S",
+                    help=f"KMS keyrings: keep a decrypted private key in memory at most S seconds"
+                         f" (default {DEFAULT_CACHE_SECONDS:g})")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mediaseal", description="Encrypt recordings into .mseal packages.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -298,8 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("init", cmd_keys_init, "create a keyring with a new RSA-3072 KEK; prints its kid", ksub)
     keyring_opts(sp)
     sp.add_argument("--alg", default=codec.RSA_OAEP_256, choices=codec.WRAP_ALGORITHMS)
+    sp.add_argument("--kms-key-id", metavar="ARN|ALIAS",
+                    help="seal the private keys with this AWS KMS symmetric key instead of a passphrase")
     sp = add("rotate", cmd_keys_rotate, "make a new current KEK now; the previous one becomes decrypt-only", ksub)
     keyring_opts(sp)
+    sp.add_argument("--if-due", action="store_true",
+                    help="only do what the schedule says is due (add a pending key, or activate one after its"
+                         " grace period); prints what it did, exits 0 either way")
+    sp = add("schedule", cmd_keys_schedule, "show or set the rotation schedule", ksub)
+    keyring_opts(sp)
+    sp.add_argument("--set", choices=tuple(kr.SCHEDULE_PERIODS), metavar="EVERY",
+                    help="daily | weekly | monthly | yearly | disabled")
+    sp.add_argument("--grace", type=_count, metavar="SECONDS",
+                    help="how long a scheduled key stays pending before it becomes current (default: 1 day)")
+    sp = add("retire", cmd_keys_retire, "retire a key (final), unless packages in the repository still need it",
+             ksub)
+    keyring_opts(sp)
+    sp.add_argument("kid", metavar="KID")
+    sp.add_argument("--repository", required=True, metavar="URL", help="file:///dir or s3://bucket/prefix")
+    sp.add_argument("--force", action="store_true", help="retire even if packages still need the key")
+    sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
+    sp = add("rewrap", cmd_keys_rewrap, "re-wrap packages from older keys to the current key (bodies untouched)",
+             ksub)
+    keyring_opts(sp)
+    sp.add_argument("--repository", required=True, metavar="URL", help="file:///dir or s3://bucket/prefix")
+    sp.add_argument("--from", dest="from_kid", metavar="KID", help="only packages wrapped to this key")
+    sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
     sp = add("list", cmd_keys_list, "list the keyring's keys (* marks the current one)", ksub)
     keyring_opts(sp)
     sp.add_argument("--json", action="store_true")
@@ -327,15 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, or - for stdout")
     keyring_opts(sp, required=False)
     sp.add_argument("--offset", type=_count, metavar="N", help="first plaintext byte to decrypt")
+    _kms_opts(sp)
     sp.add_argument("--length", type=_count, metavar="M", help="number of plaintext bytes to decrypt")
+    lkm_options.add_client_arguments(sp)
 
     sp = add("verify", cmd_verify, "authenticate a whole package, writing nothing")
     sp.add_argument("input", metavar="IN")
     keyring_opts(sp, required=False)
+    _kms_opts(sp)
+    lkm_options.add_client_arguments(sp)
+
+    lkm_p = sub.add_parser("lkm", help="the Local Key Manager: a key service whose private keys never leave it")
+    lsub = lkm_p.add_subparsers(dest="lkm_command", required=True, metavar="ACTION")
+    lkm_options.add_serve_arguments(add("serve", cmd_lkm_serve, "run the Local Key Manager HTTPS service", lsub))
+    lkm_options.add_audit_verify_arguments(add("audit-verify", lkm_options.audit_verify_command,
+                                               "check an LKM audit log's hash chain (exit 1: first bad line)", lsub))
 
     sp = add("inspect", cmd_inspect, "show a package's header (no keys needed; nothing is authenticated)")
     sp.add_argument("input", metavar="IN")
     sp.add_argument("--json", action="store_true")
+
+    from agent.status import add_parser as add_status  # the spool's state from its manifests
+
+    add_status(sub)
     return p
 
 

@@ -90,6 +90,7 @@ class KeysConfig:
     keyring: Path | None = None
     keyset: str | None = field(default=None, metadata={"source": True})  # file path (made absolute), https://, s3://
     signer: Path | None = None  # the pinned Ed25519 public key; required with keyset
+    ca_bundle: Path | None = None  # PEM CA certificates for an https:// keyset (instead of the system CAs)
     refresh_seconds: float = 60.0
     max_staleness_seconds: float = 7 * 86400.0
 
@@ -106,6 +107,9 @@ class RepositoryConfig:
     sse_kms_key_id: str | None = None
     part_size: int = field(default=16 * MiB, metadata=_SIZE)
     put_threshold: int = field(default=64 * MiB, metadata=_SIZE)
+    connect_timeout: float = 10.0  # S3: seconds to connect
+    read_timeout: float = 60.0  # S3: a silent peer for this long fails the request (transient, retried)
+    quarantine_seconds: float = 60.0  # re-probe interval for a package that failed permanently
 
 
 @dataclass(frozen=True)
@@ -374,6 +378,8 @@ class _Builder:
             self.keyset(k.keyset)
         else:
             self.rule("keys.signer", k.signer is None, "only used with keys.keyset")
+        self.rule("keys.ca_bundle", k.ca_bundle is None or (k.keyset or "").startswith("https://"),
+                  "only used with an https:// keys.keyset")
         self.positive("keys.refresh_seconds", k.refresh_seconds)
         self.positive("keys.max_staleness_seconds", k.max_staleness_seconds)
         repo_dir = self.url(r.url)
@@ -388,6 +394,9 @@ class _Builder:
                   'only used with sse = "aws:kms"')
         self.positive("repository.part_size", r.part_size)
         self.positive("repository.put_threshold", r.put_threshold)
+        self.positive("repository.quarantine_seconds", r.quarantine_seconds)
+        self.positive("repository.connect_timeout", r.connect_timeout)
+        self.positive("repository.read_timeout", r.read_timeout)
         self.rule("metrics.listen", _listen(m.listen), f"must be HOST:PORT (got {m.listen!r})")
         # Anything the agent owns inside a capture directory would be picked up, encrypted and disposed.
         owned = {"buffer.path": b.path, "keys.keyring": k.keyring, "keys.signer": k.signer, "repository.url": repo_dir}

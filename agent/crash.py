@@ -1,7 +1,8 @@
 """Named crash points for the crash-safety tests: `MEDIASEAL_CRASH_AT=<point>[:<n>]` makes the agent
 `os._exit` the n-th time (default first) it reaches that point, as abruptly as a SIGKILL would.
 
-Points: mid-encrypt, after-staging-fsync, after-commit, after-delivery.
+Points: mid-encrypt, after-staging-fsync, after-commit, after-delivery, after-part-saved (an S3 multipart
+upload's state, with its completed parts, was just saved in the manifest).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import threading
 
 CRASH_EXIT = 86
-POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery")
+POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery", "after-part-saved")
 
 _spec = os.environ.get("MEDIASEAL_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")

@@ -24,6 +24,8 @@ class _JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         doc.update(getattr(record, "fields", {}))
+        if record.exc_info:  # only for bugs (expected failures are logged without one)
+            doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
 
 
@@ -31,7 +33,8 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         fields = " ".join(f"{k}={_text(v)}" for k, v in getattr(record, "fields", {}).items())
-        return f"{ts}Z {record.levelname:<7} {record.getMessage()}" + (f" {fields}" if fields else "")
+        line = f"{ts}Z {record.levelname:<7} {record.getMessage()}" + (f" {fields}" if fields else "")
+        return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
 
 
 def _text(v: Any) -> str:

@@ -39,3 +39,16 @@ KEY_REFRESH_FAILURES = Counter("mediaseal_key_refresh_failures_total", "Key set 
 KEYSET_AGE = Gauge("mediaseal_keyset_age_seconds", "Age of the key material in use", registry=REGISTRY)
 CURRENT_KID = Gauge("mediaseal_current_kid_info", "The kid new packages are wrapped to", ["kid"],
                     registry=REGISTRY)
+# Refreshed by the health listener (agent/service.py) at every scrape, from the spool's manifests and
+# the agent's delivery events.
+OLDEST_UNDELIVERED = Gauge("mediaseal_oldest_undelivered_age_seconds",
+                           "Age of the oldest package the repository has not confirmed yet (0 when none)",
+                           registry=REGISTRY)
+SPOOL_STATES = Gauge("mediaseal_spool_manifests", "Packages in the spool by manifest state", ["state"],
+                     registry=REGISTRY)
+QUARANTINED = Gauge("mediaseal_packages_quarantined",
+                    "Packages whose last delivery failed permanently (re-probed slowly)", registry=REGISTRY)
+READY = Gauge("mediaseal_ready", "1 when /readyz answers 200 (keys valid, spool writable, repository reachable)",
+              registry=REGISTRY)
+SPOOL_CAPACITY = Gauge("mediaseal_spool_capacity_bytes", "The spool's configured capacity ([buffer] max_bytes)",
+                       registry=REGISTRY)

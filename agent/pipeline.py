@@ -20,7 +20,6 @@ import io
 import logging
 import mimetypes
 import os
-import random
 import shutil
 import threading
 import time
@@ -35,7 +34,8 @@ from agent.crash import crash_point
 from agent.keysource import PublicKeys
 from agent.watcher import Candidate, FileIdentity, Watcher
 from buffer.spool import SPOOLED, UPLOADING, VERIFIED, DurabilityError, Manifest, Reservation, Spool
-from uploader import Repository, RepositoryError, Upload, repository_key
+from uploader import PermanentRepositoryError, Receipt, Repository, RepositoryError, Upload, repository_key
+from uploader.breaker import CircuitBreaker
 
 log = logging.getLogger("mediaseal.pipeline")
 
@@ -64,21 +64,6 @@ def package_estimate(size: int, chunk_size: int) -> int:
     return size + (size // chunk_size + 1) * codec.TAG_SIZE + 64 * 1024
 
 
-class Backoff:
-    """Jittered exponential backoff, capped: base * 2^n, full jitter in [d/2, d]."""
-
-    def __init__(self, base: float = 0.5, cap: float = 60.0) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def next_delay(self) -> float:
-        d = min(self.cap, self.base * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        return random.uniform(d / 2, d)  # noqa: S311 - jitter, not a secret
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
 class Pipeline:
     def __init__(self, config: Config, spool: Spool, repository: Repository, keys: PublicKeys,
                  *, chunk_size: int = codec.DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 60.0) -> None:
@@ -97,7 +82,7 @@ class Pipeline:
         self._cancel = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=config.agent.concurrency + config.repository.concurrency,
                                             thread_name_prefix="mediaseal")
-        self._backoff = Backoff()
+        self._breaker = CircuitBreaker()
         self._repo_ok_at = 0.0
         self.fatal: BaseException | None = None
         self.watcher = Watcher(config.watch, rescan_seconds=config.agent.rescan_seconds, is_busy=self.is_busy)
@@ -123,6 +108,16 @@ class Pipeline:
             if m.state == SPOOLED:
                 await self._thread(self._dispose, m)  # idempotent: the source may be gone already
             self._uploads.put_nowait(rid)
+        abort = getattr(self.repository, "abort_orphans", None)
+        if abort is not None:  # multipart uploads a crash left behind (S3): ours are in the manifests
+            known = [m.upload["upload_id"] for m in self.spool.manifests() if "upload_id" in m.upload]
+            try:
+                aborted = await abort(known, initiated_before=dt.datetime.now(dt.UTC))
+            except RepositoryError as e:
+                log.warning("abort-orphans-failed", extra={"fields": {"error": str(e)}})
+            else:
+                if aborted:
+                    log.info("aborted-orphan-uploads", extra={"fields": {"count": len(aborted)}})
         self._update_gauges()
         return len(pending)
 
@@ -353,22 +348,30 @@ class Pipeline:
                 state=m.upload, save=lambda state, m=m: self._save_upload_state(m, state),  # type: ignore[misc]
             )
             try:
-                receipt = await self.repository.put(upload)
+                receipt = await self._put_through_breaker(upload, stop)
+                if receipt is None:
+                    return  # stopping; the manifest keeps its state
                 if (receipt.size, receipt.sha256) != (m.package_size, m.sha256):
-                    raise RepositoryError(f"repository holds {receipt.size} B sha256 {receipt.sha256[:12]}..., "
-                                          f"sent {m.package_size} B sha256 {m.sha256[:12]}...")
+                    # Never counted as delivered while wrong; not an outage either, so it is
+                    # quarantined (re-probed slowly) with a loud line rather than retried hot.
+                    raise PermanentRepositoryError(
+                        f"repository holds {receipt.size} B sha256 {receipt.sha256[:12]}..., "
+                        f"expected {m.package_size} B sha256 {m.sha256[:12]}...")
             except RepositoryError as e:
                 metrics.RETRIES.inc()
                 m.attempts += 1
                 m.last_error = str(e)
-                delay = self._backoff.next_delay() if e.transient else self.quarantine_seconds
+                await self._thread(self.spool.update, m)  # so `mediaseal status` shows it with the agent down
                 metrics.FAILED.labels("upload", "transient" if e.transient else "quarantined").inc()
+                # Transient: the breaker spaces the retries (one probe per interval for the whole
+                # repository). Permanent: this package waits quarantine_seconds, then is re-probed.
+                delay = self._breaker.retry_in() if e.transient else self.quarantine_seconds
                 log.warning("delivery-retry" if e.transient else "delivery-quarantined",
                             extra={"fields": {**fields, "error": str(e), "retry_in": round(delay, 1)}})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                if not e.transient:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=delay)
                 continue
-            self._backoff.reset()
             m.state = VERIFIED
             await self._thread(self.spool.update, m)
         crash_point("after-delivery")
@@ -381,10 +384,29 @@ class Pipeline:
         async with self._space:
             self._space.notify_all()
 
+    async def _put_through_breaker(self, upload: Upload, stop: asyncio.Event) -> Receipt | None:
+        """One delivery attempt, admitted by the repository's circuit breaker; None once stopping."""
+
+        async def attempt() -> Receipt:
+            async with self._breaker.attempt():
+                return await self.repository.put(upload)
+
+        task = asyncio.ensure_future(attempt())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not task.done():
+            task.cancel()  # resumable: the upload state is in the manifest
+            with contextlib.suppress(asyncio.CancelledError, RepositoryError):
+                await task
+            return None
+        return task.result()
+
     async def _save_upload_state(self, m: Manifest, state: dict[str, Any]) -> None:
         m.upload = dict(state)
         m.state = UPLOADING
         await self._thread(self.spool.update, m)
+        crash_point("after-part-saved")
 
 
 class _Source:
@@ -423,4 +445,4 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["SPOOLED", "Backoff", "Pipeline", "package_estimate", "recording_id"]
+__all__ = ["SPOOLED", "Pipeline", "package_estimate", "recording_id"]

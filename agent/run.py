@@ -9,6 +9,7 @@ or abandon it safely (it is redone from the source next time), and exit 0 within
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from agent.config import Config, ConfigError, load_config
 from agent.keysource import PublicKeys
 from agent.log import setup_logging
 from agent.pipeline import Pipeline
+from agent.service import AgentService, ServiceError
 from buffer.spool import DurabilityError, Spool
 from keys.errors import KeysError
 from keys.keyring import Keyring, passphrase_from
@@ -73,27 +75,48 @@ def prepare(config: Config, *, embedded: bool) -> None:
 
 
 async def serve(config: Config, *, announce: bool = False) -> int:
+    # The health/metrics listener and sd_notify (agent/service.py). With the embedded default (announce)
+    # a port already in use is a warning, not a reason to refuse a first try-out.
+    try:
+        service = await AgentService.start(config, listener_required=not announce)
+    except ServiceError as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        return await _serve(config, service, announce=announce)
+    finally:
+        await service.close()  # STOPPING=1 (if not sent yet), listener closed
+
+
+async def _serve(config: Config, service: AgentService, *, announce: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    service.watch_stop(stop)
+    service.set_phase("loading keys")
     keys = PublicKeys(config.keys)
     if not await keys.refresh():
         print("mediaseal: error: no valid public key to encrypt to (see the log line above)", file=sys.stderr)
         return 1
     try:
-        repository = open_repository(config.repository.url)
+        agent_side = {"url", "quarantine_seconds"}  # the rest are the repository's own options
+        options = {k: v for k, v in dataclasses.asdict(config.repository).items() if k not in agent_side}
+        repository = open_repository(config.repository.url, **options)
     except RepositoryError as e:
         print(f"mediaseal: error: {e}", file=sys.stderr)
         return 1
     spool = Spool(config.buffer.path, config.buffer.max_bytes)
-    pipeline = Pipeline(config, spool, repository, keys)
+    pipeline = Pipeline(config, spool, repository, keys, quarantine_seconds=config.repository.quarantine_seconds)
+    service.attach(pipeline)
+    service.set_phase("recovering the spool")
     try:
         resumed = await pipeline.recover()
     except DurabilityError as e:
         log.critical("durability-failure", extra={"fields": {"error": str(e)}})
         return EXIT_DURABILITY
     log.info("ready", extra={"fields": {"resumed": resumed, "watch": ",".join(str(w.path) for w in config.watch)}})
+    service.ready()  # READY=1: after recovery and the first key load
     if announce:
         print(f"mediaseal: drop recordings into {config.watch[0].path}/ ; packages appear in "
               f"{config.repository.url.removeprefix('file://')}/ (Ctrl-C stops)", file=sys.stderr, flush=True)

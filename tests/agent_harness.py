@@ -62,6 +62,7 @@ class Setup:
     buffer: dict[str, Any] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
     keys: dict[str, Any] = field(default_factory=dict)
+    repo: dict[str, Any] = field(default_factory=dict)  # [repository] overrides (e.g. an s3:// url)
 
     @property
     def spool(self) -> Path:
@@ -83,7 +84,7 @@ class Setup:
             "watch": self.watches,
             "buffer": {"path": str(self.spool), **self.buffer},
             "keys": {"keyring": str(self.keyring), "refresh_seconds": 1, **self.keys},
-            "repository": {"url": f"file://{self.repository}", "concurrency": 2},
+            "repository": {"url": f"file://{self.repository}", "concurrency": 2, **self.repo},
             "metrics": {"enabled": False},
         })
 

@@ -309,3 +309,14 @@ def test_sizes(text: str, size: int) -> None:
 def test_bad_sizes(text: str) -> None:
     with pytest.raises(ValueError, match="expected a size"):
         parse_size(text)
+
+
+def test_keys_ca_bundle(tmp_path: Path) -> None:
+    base = "[[watch]]\npath = '/srv/capture'\n[buffer]\npath = '/srv/buffer'\n[repository]\nurl = 's3://bucket/p'\n"
+    cfg = load_config(write(tmp_path, base + "[keys]\nkeyset = 'https://k.example/set.json'\nsigner = 's.pem'\n"
+                                              "ca_bundle = 'ca.pem'\n"), {})
+    assert cfg.keys.ca_bundle == tmp_path / "ca.pem"  # relative to the config file, like every path
+    assert error_of(tmp_path, base + "[keys]\nkeyset = '/set.json'\nsigner = '/s.pem'\nca_bundle = '/ca.pem'\n") \
+        == "config: keys.ca_bundle: only used with an https:// keys.keyset"
+    assert "keys.ca_bundle: only used with" in error_of(
+        tmp_path, base + "[keys]\nkeyring = '/k'\n", {"MEDIASEAL_KEYS__CA_BUNDLE": "/ca.pem"})

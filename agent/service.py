@@ -1,0 +1,406 @@
+"""Service glue: sd_notify, the systemd watchdog, and the health/metrics HTTP listener.
+
+>>> service = await AgentService.start(config)      # listener up, STATUS=starting, watchdog pings
+>>> service.watch_stop(stop)                          # STOPPING=1 as soon as a stop is requested
+>>> service.attach(pipeline)                          # readiness and metrics can look at it now
+>>> service.ready(resumed)                            # READY=1: recovery done, first key set loaded
+>>> await service.close()
+
+sd_notify is the datagram protocol of sd_notify(3), in a few lines: one AF_UNIX datagram per message to
+$NOTIFY_SOCKET (a path, or an abstract socket spelled with a leading '@'). Without $NOTIFY_SOCKET
+every call is a no-op. WATCHDOG=1 is sent from an event-loop task every WATCHDOG_USEC/3, so a wedged
+loop stops the pings and systemd restarts the agent.
+
+The listener (aiohttp) on `[metrics] listen` serves
+- `/metrics`: Prometheus text (or OpenMetrics, by Accept) from `agent.metrics.REGISTRY`;
+- `/healthz`: 200 whenever the event loop answers (liveness);
+- `/readyz`: 200 or 503 with a JSON reason: started (recovery done, keys loaded), a valid current key,
+  the spool writable, the repository reachable recently (the last delivery attempt did not fail, and a
+  file:// repository's directory is there);
+- `/status`: the live view `mediaseal status` adds to the manifests (JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from agent import metrics
+from agent.status import ManifestCache, SpoolReport, read_spool
+from uploader import FilesystemRepository
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.pipeline import Pipeline
+
+log = logging.getLogger("mediaseal.service")
+
+STATUS_SECONDS = 10.0  # how often STATUS= is refreshed (sent only when it changed)
+REPORT_MAX_AGE = 5.0  # the manifest scan behind the spool figures is reused this long
+
+
+class ServiceError(Exception):
+    """The service glue cannot start (the health listener cannot bind)."""
+
+
+# -- sd_notify -------------------------------------------------------------------------------------
+
+
+def notify_address(value: str | None) -> str | None:
+    """The socket address for a $NOTIFY_SOCKET value: a path, or '@name' -> the abstract '\\0name'."""
+    if not value:
+        return None
+    if value[0] == "@":
+        return "\0" + value[1:]
+    if value[0] == "/":
+        return value
+    return None  # vsock: and other transports are not used by systemd for services
+
+
+def watchdog_seconds(env: Mapping[str, str], pid: int | None = None) -> float | None:
+    """WatchdogSec in seconds when systemd asks this process for pings, else None."""
+    usec, for_pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if for_pid and for_pid != str(pid if pid is not None else os.getpid()):
+        return None  # meant for another process (we were started by the main process, say)
+    return int(usec) / 1e6
+
+
+class Notifier:
+    """Sends sd_notify messages; never raises (a lost datagram must not take the agent down)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.address = notify_address(env.get("NOTIFY_SOCKET"))
+        self._sock: socket.socket | None = None
+        self._warned = False
+        if self.address is not None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, *assignments: str) -> bool:
+        if self._sock is None or self.address is None:
+            return False
+        try:
+            self._sock.sendto("\n".join(assignments).encode(), self.address)
+        except OSError as e:
+            if not self._warned:  # once: a watchdog ping every few seconds must not flood the log
+                self._warned = True
+                log.warning("sd-notify-failed", extra={"fields": {"error": e.strerror or str(e)}})
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+# -- what the agent is going through, learned from its own (stable) log events -----------------------
+
+
+class EventTracker(logging.Handler):
+    """Follows the agent's log events: the last error, whether the repository answered last time, and
+    which packages are quarantined. Reading the events (documented, stable names) keeps the pipeline
+    free of any bookkeeping for the service."""
+
+    REPO_FAILED = ("delivery-retry", "delivery-quarantined")
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self._state = threading.Lock()
+        self.last_error: dict[str, Any] | None = None
+        self.repo_error: str | None = None  # set while the most recent delivery attempt failed
+        self.repo_ok_at: float | None = None  # wall time of the last confirmed delivery
+        self.quarantined: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = getattr(record, "fields", {}) or {}
+        event = record.getMessage()
+        with self._state:
+            if record.levelno >= logging.WARNING:
+                detail = fields.get("error") or fields.get("reason") or fields.get("path") or ""
+                self.last_error = {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+                    "time": record.created, "event": event, "message": _one_line(str(detail), 200),
+                }
+            rid = fields.get("recording_id")
+            if event in self.REPO_FAILED:
+                self.repo_error = _one_line(str(fields.get("error", event)), 200)
+                if rid is not None:
+                    (self.quarantined.add if event == "delivery-quarantined" else self.quarantined.discard)(rid)
+            elif event == "delivered":
+                self.repo_error = None
+                self.repo_ok_at = record.created
+                self.quarantined.discard(rid)
+
+
+# -- the service -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    ok: bool
+    detail: str = ""
+
+
+class AgentService:
+    def __init__(self, config: Config, env: Mapping[str, str]) -> None:
+        self.config = config
+        self.notifier = Notifier(env)
+        self.watchdog = watchdog_seconds(env)
+        self.tracker = EventTracker()
+        self.pipeline: Pipeline | None = None
+        self.phase = "starting"
+        self.started_at = time.time()
+        self._ready = False
+        self._stopping = False
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cache = ManifestCache()
+        self._report: SpoolReport | None = None
+        self._report_lock = asyncio.Lock()
+        self._last_status = ""
+        self.address: str | None = None  # host:port the listener is bound to
+
+    @classmethod
+    async def start(cls, config: Config, *, env: Mapping[str, str] | None = None,
+                    listener_required: bool = True) -> AgentService:
+        """Start the listener (if enabled) and the watchdog. A listener that cannot bind is a
+        ServiceError when `listener_required`, else a logged warning (the embedded default)."""
+        service = cls(config, os.environ if env is None else env)
+        logging.getLogger("mediaseal").addHandler(service.tracker)
+        metrics.SPOOL_CAPACITY.set(config.buffer.max_bytes)
+        if config.metrics.enabled:
+            try:
+                await service._listen(config.metrics.listen)
+            except OSError as e:
+                if listener_required:
+                    await service.close()
+                    raise ServiceError(f"metrics.listen {config.metrics.listen}: cannot listen: "
+                                       f"{e.strerror or e}") from None
+                log.warning("metrics-listener-failed", extra={"fields": {"listen": config.metrics.listen,
+                                                                         "error": e.strerror or str(e)}})
+        if service.watchdog is not None:
+            service._tasks.append(asyncio.create_task(service._watchdog(service.watchdog), name="sd-watchdog"))
+        service.set_phase("starting")
+        return service
+
+    # -- life cycle, as serve() goes through it ----------------------------------------------------
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self._send_status(force=True)
+
+    def watch_stop(self, stop: asyncio.Event) -> None:
+        async def on_stop() -> None:
+            await stop.wait()
+            self.stopping()
+
+        self._tasks.append(asyncio.create_task(on_stop(), name="sd-stopping"))
+
+    def attach(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def ready(self) -> None:
+        """Recovery is done and a key is loaded: tell systemd, start the periodic STATUS."""
+        self._ready = True
+        self.phase = "running"
+        self.notifier.send("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        self._tasks.append(asyncio.create_task(self._status_loop(), name="sd-status"))
+
+    def stopping(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.phase = "stopping"
+            self.notifier.send("STOPPING=1", "STATUS=stopping: draining in-flight work")
+
+    async def close(self) -> None:
+        self.stopping()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        logging.getLogger("mediaseal").removeHandler(self.tracker)
+        self.notifier.close()
+
+    # -- sd_notify tasks ---------------------------------------------------------------------------
+
+    async def _watchdog(self, watchdog: float) -> None:
+        interval = watchdog / 3  # well inside WatchdogSec/2, as sd_watchdog_enabled(3) asks
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        # Checked at least as often as the watchdog pings, sent only when the line changed.
+        period = min(STATUS_SECONDS, self.watchdog / 3) if self.watchdog else STATUS_SECONDS
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(OSError):
+                await self.report()
+            self._send_status()
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: queue depth, quarantine, intake, the last error."""
+        if self.pipeline is None or self.phase != "running":
+            return self.phase
+        spool = self.pipeline.spool
+        parts = [f"{spool.package_count} awaiting delivery"]
+        if self._report is not None and self._report.oldest is not None:
+            parts[0] += f" (oldest {int(self._report.oldest_age())}s)"
+        if self.tracker.quarantined:
+            parts.append(f"{len(self.tracker.quarantined)} quarantined")
+        if _intake_paused():
+            parts.append("intake paused")
+        last = self.tracker.last_error
+        if last is not None:
+            ago = int(time.time() - last["time"])
+            parts.append(f"last error {ago}s ago: {last['event']}: {last['message']}")
+        return _one_line("; ".join(parts))
+
+    def _send_status(self, *, force: bool = False) -> None:
+        line = self.status_line()
+        if force or line != self._last_status:
+            self._last_status = line
+            self.notifier.send(f"STATUS={line}")
+
+    # -- figures -----------------------------------------------------------------------------------
+
+    async def report(self) -> SpoolReport | None:
+        """The manifest-derived spool figures: rescanned when the number of packages changed, else at
+        most every REPORT_MAX_AGE seconds (a rescan reads only the manifests that changed)."""
+        if self.pipeline is None:
+            return None
+        async with self._report_lock:
+            r = self._report
+            if (r is None or r.packages != self.pipeline.spool.package_count
+                    or time.time() - r.taken_at > REPORT_MAX_AGE):
+                self._report = await asyncio.to_thread(read_spool, self.pipeline.spool.root, cache=self._cache)
+        return self._report
+
+    async def _refresh_gauges(self) -> None:
+        with contextlib.suppress(OSError):
+            report = await self.report()
+            if report is not None:
+                metrics.OLDEST_UNDELIVERED.set(report.oldest_age())
+                for state, n in report.counts.items():
+                    metrics.SPOOL_STATES.labels(state).set(n)
+        metrics.QUARANTINED.set(len(self.tracker.quarantined))
+        if self.pipeline is not None:
+            self.pipeline.keys.current()  # refreshes mediaseal_keyset_age_seconds
+        ready, _ = await self.readiness()
+        metrics.READY.set(1 if ready else 0)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.pipeline is None or not self._ready:
+            return False, {"ready": False, "reason": self.phase}
+        if self._stopping:
+            return False, {"ready": False, "reason": "stopping"}
+        p = self.pipeline
+        checks: dict[str, Check] = {}
+        recipient = p.keys.current()
+        checks["keys"] = Check(True, recipient.kid) if recipient is not None else Check(
+            False, "no valid key: the key set could not be loaded or is older than keys.max_staleness_seconds")
+        checks["spool"] = await asyncio.to_thread(_spool_writable, p.spool.root)
+        checks["repository"] = await asyncio.to_thread(self._repository_check)
+        failed = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
+        body: dict[str, Any] = {"ready": not failed, "checks": {k: {"ok": c.ok, "detail": c.detail}
+                                                                for k, c in checks.items()}}
+        if failed:
+            body["reason"] = "; ".join(failed)
+        return not failed, body
+
+    def _repository_check(self) -> Check:
+        assert self.pipeline is not None
+        repo = self.pipeline.repository
+        if isinstance(repo, FilesystemRepository) and not repo.root.is_dir():
+            return Check(False, f"{repo.root} is not there (not mounted?)")
+        if self.tracker.repo_error is not None:
+            return Check(False, f"last delivery attempt failed: {self.tracker.repo_error}")
+        if self.tracker.repo_ok_at is not None:
+            return Check(True, f"last delivery confirmed {int(time.time() - self.tracker.repo_ok_at)}s ago")
+        return Check(True, "no delivery attempted yet")
+
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    async def _listen(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host, int(port), reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0]
+        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
+        self.address = f"{shown}:{bound[1]}"
+        log.info("metrics-listening", extra={"fields": {"address": self.address}})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        await self._refresh_gauges()
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(metrics.REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"alive": True, "phase": self.phase, "pid": os.getpid(),
+                                  "uptime_seconds": round(time.time() - self.started_at, 1)})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready, body = await self.readiness()
+        metrics.READY.set(1 if ready else 0)
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        ready, body = await self.readiness()
+        return web.json_response({
+            "pid": os.getpid(), "phase": self.phase, "ready": ready, "reason": body.get("reason", ""),
+            "awaiting_delivery": self.pipeline.spool.package_count if self.pipeline else None,
+            "quarantined": len(self.tracker.quarantined), "intake_paused": bool(_intake_paused()),
+            "last_error": self.tracker.last_error, "status": self.status_line(),
+        })
+
+
+def _spool_writable(root: Path) -> Check:
+    """An unnamed (O_TMPFILE) file in staging/: proves the spool takes writes, leaves nothing behind."""
+    try:
+        with tempfile.TemporaryFile(dir=root / "staging") as f:
+            f.write(b"\0")
+            f.flush()
+    except OSError as e:
+        return Check(False, f"{root} is not writable: {e.strerror or e}")
+    return Check(True, str(root))
+
+
+def _intake_paused() -> bool:
+    return bool(metrics.REGISTRY.get_sample_value("mediaseal_intake_paused"))
