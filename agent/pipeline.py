@@ -270,7 +270,8 @@ class Pipeline:
             )
             header, keys = codec.new_package(metadata, [recipient], self.chunk_size)
             with self.spool.staging(rid) as (staged, staged_path):
-                result = codec.seal(_Source(src, self._cancel), staged, header, keys, digest=True)
+                result = codec.seal(_Source(src, self._cancel), staged, header, keys, digest=True,
+                                    size_hint=cand.identity.size)
             crash_point("after-staging-fsync")
             # The identity is checked again now that every byte has been read: a file rewritten or
             # appended to during sealing gives a package of neither version, so it is redone.

@@ -138,9 +138,8 @@ class Spool:
     def staging(self, recording_id: str) -> Iterator[tuple[BinaryIO, Path]]:
         """A fresh 0600 staging file for `recording_id`; removed again if the block fails."""
         path = self._staging / f"{recording_id}.mseal.part"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a leftover of an attempt that did not finish
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # O_TRUNC: a leftover of an attempt that did not finish is simply overwritten.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 yield f, path

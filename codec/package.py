@@ -103,17 +103,36 @@ def seal(
     *,
     overlap: bool = True,
     digest: bool = False,
+    size_hint: int | None = None,
 ) -> SealResult:
-    """Write `header` and then `src`, sealed chunk by chunk, to `dst`. Reads `src` to its end."""
+    """Write `header` and then `src`, sealed chunk by chunk, to `dst`. Reads `src` to its end.
+
+    `size_hint` (the expected plaintext size, e.g. from stat) only sizes the buffers: a recording
+    shorter than one chunk is sealed with buffers of its own size and no helper thread, which is
+    most of the cost of a small file. A source longer than hinted is still sealed whole.
+    """
     cs = header.chunk_size
-    sink: _Sink = _ThreadedSink(dst, stride(cs), digest) if overlap else _Sink(dst, stride(cs), digest)
+    buf = memoryview(bytearray(cs if size_hint is None or size_hint >= cs else size_hint + 1))
+    n = 0
+    if len(buf) < cs:
+        # One byte past the hint shows whether the source really ends there.
+        n = _read_full(src, buf)
+        if n < len(buf):
+            overlap = False
+        else:  # longer than hinted: carry on with a full-size buffer
+            grown = memoryview(bytearray(cs))
+            grown[:n] = buf[:n]
+            buf = grown
+    size = stride(cs) if len(buf) == cs else n + TAG_SIZE
+    sink: _Sink = _ThreadedSink(dst, size, digest) if overlap else _Sink(dst, size, digest)
     sealer = ChunkSealer(keys.payload, cs)
     # One input buffer, so a chunk is still cache-warm when it is sealed. A full chunk is the last one
     # only if nothing follows it: a one-byte look-ahead tells, and that byte starts the next chunk.
-    buf, peek = memoryview(bytearray(cs)), memoryview(bytearray(1))
+    peek = memoryview(bytearray(1))
     try:
         sink.put_bytes(header.encode())
-        n = _read_full(src, buf)
+        if len(buf) == cs:
+            n += _read_full(src, buf[n:])
         total, chunks = n, 0
         while True:
             last = n < cs or _read_full(src, peek) == 0

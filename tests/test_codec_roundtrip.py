@@ -363,3 +363,18 @@ def test_stride_and_nonce():
     with pytest.raises(OverflowError):
         codec.nonce(1 << 88, False)
     assert spec.nonce(0x0102, True) == codec.nonce(0x0102, True)
+
+
+@pytest.mark.parametrize("size", [0, 1, CS - 1, CS, CS + 1, 3 * CS])
+@pytest.mark.parametrize("hint", ["exact", "short", "long", "zero"])
+def test_size_hint_only_sizes_buffers(size, hint, codec_kek, codec_keyring):
+    """A wrong hint (the file grew or shrank since stat) must still seal exactly what was read."""
+    hints = {"exact": size, "short": max(0, size - 1), "long": size + 10, "zero": 0}
+    pt = os.urandom(size)
+    recipient = codec.Recipient(codec_kek.kid, codec_kek.public_key)
+    header, keys = codec.new_package(codec.Metadata("rec-hint"), [recipient], CS)
+    out = io.BytesIO()
+    result = codec.seal(io.BytesIO(pt), out, header, keys, digest=True, size_hint=hints[hint])
+    assert result.plaintext_size == size and result.sha256 == hashlib.sha256(out.getvalue()).hexdigest()
+    reader = codec.open_package(io.BytesIO(out.getvalue()), codec_keyring(codec_kek))
+    assert b"".join(reader.iter_range()) == pt
