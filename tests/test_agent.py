@@ -184,6 +184,42 @@ def test_no_plaintext_ever_in_spool_or_repository(setup: Setup) -> None:
     assert decrypt_all(setup.repository, setup.keyring) == {"marker.raw": [sha]}
 
 
+def test_no_secret_in_spool_manifests_or_logs(setup: Setup) -> None:
+    """The DEKs (recovered here with the private key the agent never has), the keyring passphrase and
+    the private key bytes appear in no spool file, manifest or log line, in any common encoding."""
+    import base64
+
+    repo = setup.repository
+    agent = Agent(setup, env={"MEDIASEAL_KEYRING_PASSPHRASE": PASSPHRASE.decode()})
+    agent.wait_for("ready")
+    os.rename(repo, repo.with_name("offline"))  # keep the packages and manifests in the spool
+    for i in range(3):
+        drop(setup.capture(), f"s{i}.wav", os.urandom(300_000))
+    agent.wait_for("spooled", count=3)
+    unwrapper = Keyring.open(setup.keyring).unlock(PASSPHRASE)
+    secrets_: list[bytes] = [PASSPHRASE]
+    for pkg in (setup.spool / "packages").glob("*.mseal"):
+        from codec import read_header
+
+        with open(pkg, "rb") as f:
+            dek = unwrapper.unwrap(read_header(f).wraps)
+        secrets_ += [dek, dek.hex().encode(), base64.b64encode(dek), base64.urlsafe_b64encode(dek).rstrip(b"=")]
+    from cryptography.hazmat.primitives import serialization
+
+    der = unwrapper.private_key(Keyring.open(setup.keyring).current().kid).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    secrets_ += [der[-64:], base64.b64encode(der)[100:164]]
+    blobs = [p.read_bytes() for p in setup.spool.rglob("*") if p.is_file()]  # packages and manifests
+    assert len(blobs) >= 6
+    os.rename(repo.with_name("offline"), repo)
+    agent.wait_for("delivered", count=3, timeout=60)
+    agent.stop()
+    blobs += [("\n".join(agent.lines)).encode()]
+    assert len(secrets_) == 1 + 3 * 4 + 2
+    for s in secrets_:
+        assert not any(s in b for b in blobs), s[:8]
+
+
 @pytest.mark.parametrize("point", ["mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery"])
 def test_crash_at_named_points_loses_and_duplicates_nothing(setup: Setup, point: str) -> None:
     capture = setup.capture()
