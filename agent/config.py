@@ -83,6 +83,7 @@ class AgentConfig:
 class BufferConfig:
     path: Path
     max_bytes: int = field(default=10 * GiB, metadata=_SIZE)
+    min_free_bytes: int = field(default=64 * MiB, metadata=_SIZE)  # keep this much free on the spool's filesystem
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,7 @@ class _Builder:
                 if j != i and w.move_to is not None:
                     self.rule(f"{at}.move_to", not _inside(w.move_to, other.path), f"is inside watch[{j}].path")
         self.positive("buffer.max_bytes", b.max_bytes)
+        self.rule("buffer.min_free_bytes", b.min_free_bytes >= 0, "must be >= 0")
         self.rule("keys", (k.keyring is None) != (k.keyset is None), "set exactly one of keyring, keyset")
         if k.keyset is not None:
             self.rule("keys.signer", k.signer is not None, "required with keys.keyset (the pinned signing key)")

@@ -106,7 +106,7 @@ async def _serve(config: Config, service: AgentService, *, announce: bool) -> in
     except RepositoryError as e:
         print(f"mediaseal: error: {e}", file=sys.stderr)
         return 1
-    spool = Spool(config.buffer.path, config.buffer.max_bytes)
+    spool = Spool(config.buffer.path, config.buffer.max_bytes, min_free_bytes=config.buffer.min_free_bytes)
     pipeline = Pipeline(config, spool, repository, keys, quarantine_seconds=config.repository.quarantine_seconds)
     service.attach(pipeline)
     service.set_phase("recovering the spool")

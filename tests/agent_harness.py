@@ -92,7 +92,7 @@ class Setup:
 class Agent:
     """`mediaseal run --config ... --log-format json` as a child process."""
 
-    def __init__(self, setup: Setup, env: dict[str, str] | None = None) -> None:
+    def __init__(self, setup: Setup, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.setup = setup
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.lines: list[str] = []
@@ -100,7 +100,7 @@ class Agent:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
         full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg), "--log-format", "json"],
+            [*(prefix or []), sys.executable, "-m", "agent.cli", "run", "--config", str(cfg), "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=full_env, cwd=setup.root,
         )

@@ -1,0 +1,74 @@
+"""Faults the host inflicts, made real: a spool filesystem that is full (a small tmpfs, mounted here)
+and a disk that fails fsync with EIO (injected at the system-call boundary by strace)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_harness import Agent, Setup, decrypt_all, drop, make_keyring, spool_files
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def keyring_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
+
+
+@pytest.fixture
+def setup(tmp_path: Path, keyring_template: Path) -> Setup:
+    return Setup(root=tmp_path, keyring=make_keyring(tmp_path / "keyring", keyring_template),
+                 watches=[{"path": str(tmp_path / "capture"), "kind": "call", "completion": "rename"}])
+
+
+@pytest.fixture
+def small_spool_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "spoolfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}): needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_spool_filesystem_pauses_intake_and_loses_nothing(setup: Setup, small_spool_fs: Path) -> None:
+    filler = small_spool_fs / "someone-elses-file"
+    filler.write_bytes(b"\0" * (14 * MiB))  # another writer on the same disk: ~10 MiB left
+    setup.buffer.update(path=str(small_spool_fs / "buffer"), max_bytes="1GiB", min_free_bytes="1MiB")
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    sha = drop(setup.capture(), "big.wav", os.urandom(12 * MiB))
+    (paused,) = agent.wait_for("intake-paused")
+    assert paused["reason"] == "spool full"
+    assert (setup.capture() / "big.wav").exists() and spool_files(setup.spool) == []
+    filler.unlink()  # space comes back: intake resumes by itself
+    agent.wait_for("delivered", timeout=60)
+    assert agent.stop() == 0
+    assert decrypt_all(setup.repository, setup.keyring) == {"big.wav": [sha]}
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_eio_on_fsync_stops_the_agent_and_a_restart_delivers(setup: Setup) -> None:
+    # Spool recovery fsyncs two directories at start; the third fsync is the first staging file's.
+    strace = ["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=fsync", "-e", "inject=fsync:error=EIO:when=3"]
+    setup.capture().mkdir()
+    ledger = {f"e{i}.wav": drop(setup.capture(), f"e{i}.wav", os.urandom(200_000)) for i in range(3)}
+    broken = Agent(setup, prefix=strace)
+    assert broken.exited(timeout=60) == 3, "\n".join(broken.lines[-10:])
+    assert any('"durability-failure"' in line and "fsync" in line for line in broken.lines)
+    assert not any('"delivered"' in line for line in broken.lines)
+    assert sorted(p.name for p in setup.capture().iterdir()) == sorted(ledger)  # nothing disposed
+    agent = Agent(setup)
+    agent.wait_for("delivered", count=3, timeout=60)
+    assert agent.stop() == 0
+    assert decrypt_all(setup.repository, setup.keyring) == {n: [h] for n, h in ledger.items()}
+    assert spool_files(setup.spool) == []
