@@ -90,6 +90,29 @@ def test_dispose_move_and_keep(setup: Setup) -> None:
     assert got == {"a.wav": [a], "chat.txt": [k]}
 
 
+def test_awkward_names_and_races(setup: Setup) -> None:
+    """Newlines, unicode and 255-byte names, empty files, a name reused for a new recording, and a
+    file deleted before the agent gets to it."""
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    # 246 x's + ".wav" + the producer's ".part" = 255 bytes, the longest name the filesystem takes
+    names = ["line\nbreak.wav", "\u00e7a\u011fr\u0131-\u901a\u8a71-\U0001f4de.wav", "x" * 246 + ".wav", "empty.wav",
+             "tab\tand space.wav"]
+    ledger = {n: drop(setup.capture(), n, b"" if n == "empty.wav" else os.urandom(5000)) for n in names}
+    agent.wait_for("delivered", count=len(names), timeout=60)
+    second = drop(setup.capture(), "empty.wav", b"a new recording under a reused name")
+    agent.wait_for("delivered", where=lambda e: e["path"].endswith("empty.wav"), timeout=60)
+    gone = setup.capture() / "gone.wav"
+    gone.write_bytes(b"short-lived")
+    gone.unlink()
+    agent.wait_for("rescan-done", timeout=30)
+    assert agent.stop() == 0
+    got = decrypt_all(setup.repository, setup.keyring)
+    assert sorted(got.pop("empty.wav")) == sorted([ledger.pop("empty.wav"), second])  # both kept
+    assert got == {n: [h] for n, h in ledger.items()}
+    assert len(packages(setup.repository)) == len(names) + 1
+
+
 def test_quiet_mode_waits_for_a_slow_writer(setup: Setup) -> None:
     setup.watches[0].update(completion="quiet", quiet_seconds=1.0)
     agent = Agent(setup)
