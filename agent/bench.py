@@ -1,0 +1,647 @@
+"""`mediaseal bench`: what this host's own disks give the agent, against a plain copy of the same bytes.
+
+>>> mediaseal bench --dir /var/lib/mediaseal --size 64MiB --rounds 5        # a table
+>>> mediaseal bench --dir /var/lib/mediaseal --json                         # one JSON document
+
+Every figure is a ratio to a baseline measured in the same run, interleaved round by round
+(copy, measured, copy, measured, ...), from medians, as in benchmarks/ (docs/BENCHMARKS.md):
+
+- file to spool: `codec.seal` of a fresh file into DIR, with the package digest the agent computes
+  (`digest=True`) and without it, against a plain 1 MiB `readinto`/`write` copy of the same file;
+- end to end: the real agent (`mediaseal run` as a subprocess, its own capture, spool and a file://
+  repository in DIR, or `--repository URL`): a recording dropped by rename until the agent's
+  `delivered` log event, against a copy of the same file with one fsync (the agent fsyncs too);
+- small files: 64 KiB recordings dropped in a batch, recordings/s, against per-file copy+fsync.
+
+It makes a throwaway keyring (random passphrase, never stored: only the public key is used) in its
+own temporary directory under DIR and removes everything it wrote, except packages delivered to a
+`--repository` other than file:// (their keys are listed). Other processes' CPU during each
+measurement is reported ("other load", in cores): on a busy host the ratios understate the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import queue
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import codec
+
+KiB = 1 << 10
+MiB = 1 << 20
+SMALL_SIZE = 64 * KiB
+BLOCK = MiB  # the copy baseline's block, and the codec's default chunk
+JSON_VERSION = 1
+
+
+class BenchError(Exception):
+    """An expected failure (bad directory, the agent did not start): reported as one line."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    dir: Path
+    size: int = 64 * MiB
+    rounds: int = 5
+    warmup: int = 1
+    repository: str | None = None
+    endpoint_url: str | None = None
+    small_count: int = 200
+    fsync: bool = False  # include fsync in both sides of the file-to-spool figures
+    timeout: float = 600.0  # seconds to wait for the agent at any one step
+
+
+@dataclass
+class Result:
+    """One measurement: per-round seconds of the measured side and of its copy baseline."""
+
+    name: str
+    nbytes: int  # bytes per round (of the recording(s))
+    recordings: int  # recordings per round
+    baseline_name: str
+    measured_s: list[float] = field(default_factory=list)
+    baseline_s: list[float] = field(default_factory=list)
+    other_load_cores: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.nbytes / statistics.median(self.measured_s) / 1e6
+
+    @property
+    def baseline_mb_per_s(self) -> float:
+        return self.nbytes / statistics.median(self.baseline_s) / 1e6
+
+    @property
+    def ratio(self) -> float:
+        """Median baseline time / median measured time (> 1: faster than the copy)."""
+        return statistics.median(self.baseline_s) / statistics.median(self.measured_s)
+
+    @property
+    def paired_ratio(self) -> float:
+        return statistics.median(b / m for b, m in zip(self.baseline_s, self.measured_s, strict=True))
+
+    @property
+    def recordings_per_s(self) -> float:
+        return self.recordings / statistics.median(self.measured_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bytes_per_round": self.nbytes,
+            "recordings_per_round": self.recordings,
+            "rounds": len(self.measured_s),
+            "mb_per_s": round(self.mb_per_s, 2),
+            "baseline": self.baseline_name,
+            "baseline_mb_per_s": round(self.baseline_mb_per_s, 2),
+            "ratio": round(self.ratio, 4),
+            "paired_ratio": round(self.paired_ratio, 4),
+            "recordings_per_s": round(self.recordings_per_s, 2),
+            "other_load_cores": round(self.other_load_cores, 3),
+            "measured_s": [round(x, 6) for x in self.measured_s],
+            "baseline_s": [round(x, 6) for x in self.baseline_s],
+        }
+
+
+@dataclass
+class Report:
+    options: BenchOptions
+    machine: dict[str, str]
+    results: dict[str, Result] = field(default_factory=dict)
+    left_in_repository: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()}
+        return {
+            "version": JSON_VERSION,
+            "options": opts,
+            "machine": self.machine,
+            "units": {"mb_per_s": "10^6 bytes per second", "ratio": "baseline time / measured time"},
+            "results": {k: r.to_json() for k, r in self.results.items()},
+            "left_in_repository": self.left_in_repository,
+        }
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+class LoadMeter:
+    """CPU used by other processes since it was made, in cores (/proc/stat minus our own and our children's)."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        busy = 0.0
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def other_cores(self, agent_cpu_s: float = 0.0) -> float:
+        t1, busy1, own1 = self._sample()
+        t0, busy0, own0 = self._start
+        return max(0.0, (busy1 - busy0) - (own1 - own0) - agent_cpu_s) / max(t1 - t0, 1e-9)
+
+
+def write_source(path: Path, size: int) -> None:
+    """`size` incompressible bytes, written 1 MiB at a time (a recording that has just been finished)."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def plain_copy(src: Path, dst: Path, *, fsync: bool) -> int:
+    """The baseline: `readinto` a 1 MiB block, `write` it, to a fresh unbuffered file."""
+    buf = memoryview(bytearray(BLOCK))
+    total = 0
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
+        while n := f.readinto(buf):
+            view = buf[:n]
+            while view:
+                view = view[g.write(view) or 0 :]
+            total += n
+        if fsync:
+            os.fsync(g.fileno())
+    return total
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def measure_spool(work: Path, recipient: codec.Recipient, opts: BenchOptions) -> dict[str, Result]:
+    """file -> spool: `codec.seal` (digest=True as the agent does, and digest=False), each round after a copy."""
+    source, copy_out, sealed = work / "source.bin", work / "copy.bin", work / "spool.mseal"
+    write_source(source, opts.size)
+    with_digest = Result("file -> spool, seal+digest (as the agent)", opts.size, 1, "plain copy")
+    no_digest = Result("file -> spool, seal", opts.size, 1, "plain copy")
+
+    def seal(digest: bool) -> float:
+        header, keys = codec.new_package(codec.Metadata("bench-spool"), [recipient])  # untimed, as in the agent
+
+        def run() -> None:
+            with open(source, "rb", buffering=0) as f, open(sealed, "wb", buffering=0) as g:
+                codec.seal(f, g, header, keys, digest=digest)
+                if opts.fsync:
+                    os.fsync(g.fileno())
+
+        try:
+            return _timed(run)
+        finally:
+            _unlink(sealed)
+
+    meter = LoadMeter()
+    try:
+        for i in range(opts.warmup + opts.rounds):
+            base = _timed(lambda: plain_copy(source, copy_out, fsync=opts.fsync))
+            _unlink(copy_out)
+            d, nd = seal(True), seal(False)
+            if i >= opts.warmup:
+                with_digest.baseline_s.append(base)
+                with_digest.measured_s.append(d)
+                no_digest.baseline_s.append(base)
+                no_digest.measured_s.append(nd)
+    finally:
+        _unlink(source)
+        _unlink(copy_out)
+    with_digest.other_load_cores = no_digest.other_load_cores = meter.other_cores()
+    return {"spool_digest": with_digest, "spool": no_digest}
+
+
+class AgentProcess:
+    """`mediaseal run --config FILE --log-format json` as a child; its JSON log lines are the events."""
+
+    def __init__(self, config: Path, cwd: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.lines: list[str] = []
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--log-format", "json"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd,
+        )
+        self._reader = threading.Thread(target=self._read, name="bench-agent-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                self.events.put(doc)
+        self.events.put({"event": "_exit"})
+
+    def wait_for(self, event: str, timeout: float, count: int = 1,
+                 where: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        got: list[dict[str, Any]] = []
+        while len(got) < count:
+            left = deadline - time.monotonic()
+            try:
+                doc = self.events.get(timeout=max(left, 0.0)) if left > 0 else None
+            except queue.Empty:
+                doc = None
+            if doc is None:
+                raise BenchError(f"the agent did not log {count} x {event!r} within {timeout:g} s"
+                                 f" (got {len(got)}){self._last_line()}")
+            if doc.get("event") == "_exit":
+                raise BenchError(f"the agent exited ({self.proc.wait()}) while the benchmark waited for"
+                                 f" {event!r}{self._last_line()}")
+            if doc.get("event") == event and (where is None or where(doc)):
+                got.append(doc)
+        return got
+
+    def _last_line(self) -> str:
+        for line in reversed(self.lines):
+            if line.strip():
+                return f"; its last log line: {line.strip()[:300]}"
+        return ""
+
+    def cpu_seconds(self) -> float:
+        """The child's CPU time so far (from /proc), to keep it out of the other-load figure."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def write_agent_config(root: Path, keyring: Path, repository: str, endpoint_url: str | None) -> Path:
+    sections: dict[str, dict[str, Any]] = {
+        "agent": {"id": "mediaseal-bench", "concurrency": 2, "rescan_seconds": 30, "log_format": "json"},
+        "watch": {"path": root / "capture", "kind": "call", "completion": "rename"},
+        "buffer": {"path": root / "spool"},
+        "keys": {"keyring": keyring},
+        "repository": {"url": repository, **({"endpoint_url": endpoint_url} if endpoint_url else {})},
+        "metrics": {"enabled": False},
+    }
+    lines: list[str] = []
+    for name, body in sections.items():
+        lines.append(f"[[{name}]]" if name == "watch" else f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in body.items()]
+    path = root / "mediaseal.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class _Delivered:
+    """Removes what the agent delivered to a file:// repository; remembers the keys it cannot remove."""
+
+    def __init__(self, repository: str) -> None:
+        parsed = urlparse(repository)
+        self.root = Path(unquote(parsed.path)) if parsed.scheme == "file" else None
+        self.left: list[str] = []
+
+    def remove(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            key = str(e.get("key", ""))
+            if self.root is None:
+                self.left.append(key)
+                continue
+            if key and ".." not in Path(key).parts:
+                _unlink(self.root / key)
+
+
+def measure_agent(work: Path, keyring: Path, opts: BenchOptions) -> tuple[dict[str, Result], list[str]]:
+    """The real agent, end to end: one large recording per round, then a batch of 64 KiB recordings."""
+    root = work / "agent"
+    capture = root / "capture"
+    capture.mkdir(parents=True)
+    if opts.repository is None:
+        (root / "repository").mkdir()
+        repository = f"file://{root / 'repository'}"
+    else:
+        repository = opts.repository
+    delivered = _Delivered(repository)
+    agent = AgentProcess(write_agent_config(root, keyring, repository, opts.endpoint_url), root)
+    results: dict[str, Result] = {}
+    try:
+        agent.wait_for("ready", timeout=min(opts.timeout, 120.0))
+        results["e2e"] = _e2e_large(work, capture, agent, delivered, opts)
+        if opts.small_count:
+            results["small_files"] = _e2e_small(work, capture, agent, delivered, opts)
+    finally:
+        agent.stop()
+    return results, delivered.left
+
+
+def _named(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: os.path.basename(str(e.get("path", ""))) == name
+
+
+def _tagged(tag: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: os.path.basename(str(e.get("path", ""))).startswith(tag)
+
+
+def _copy_each(paths: list[Path], into: Path) -> None:
+    for p in paths:
+        plain_copy(p, into / p.name, fsync=True)
+
+
+def _e2e_large(work: Path, capture: Path, agent: AgentProcess, delivered: _Delivered, opts: BenchOptions) -> Result:
+    result = Result(f"end to end, {_fmt_size(opts.size)}: drop -> delivered", opts.size, 1, "plain copy+fsync")
+    source, copy_out = work / "e2e-source.bin", work / "e2e-copy.bin"
+    staged = capture / ".incoming.part"
+    write_source(source, opts.size)
+    meter, agent_cpu0 = LoadMeter(), agent.cpu_seconds()
+    try:
+        for i in range(opts.warmup + opts.rounds):
+            shutil.copyfile(source, staged)  # untimed: the producer writing its recording
+            base = _timed(lambda: plain_copy(staged, copy_out, fsync=True))
+            _unlink(copy_out)
+            name = f"bench-{i}-{secrets.token_hex(4)}.bin"
+            t0 = time.perf_counter()
+            os.rename(staged, capture / name)
+            events = agent.wait_for("delivered", opts.timeout, where=_named(name))
+            took = time.perf_counter() - t0
+            delivered.remove(events)
+            if i >= opts.warmup:
+                result.baseline_s.append(base)
+                result.measured_s.append(took)
+    finally:
+        _unlink(source)
+        _unlink(copy_out)
+        _unlink(staged)
+    result.other_load_cores = meter.other_cores(agent.cpu_seconds() - agent_cpu0)
+    return result
+
+
+def _e2e_small(work: Path, capture: Path, agent: AgentProcess, delivered: _Delivered, opts: BenchOptions) -> Result:
+    n = opts.small_count
+    result = Result(f"small files, {SMALL_SIZE // KiB} KiB x {n}: drop -> delivered", n * SMALL_SIZE, n,
+                    "per-file copy+fsync")
+    copies = work / "small-copies"
+    payload = os.urandom(SMALL_SIZE)
+    meter, agent_cpu0 = LoadMeter(), agent.cpu_seconds()
+    try:
+        for i in range(opts.warmup + opts.rounds):
+            staged = [capture / f".small-{j}.part" for j in range(n)]
+            for p in staged:  # untimed: the producer
+                p.write_bytes(payload)
+            copies.mkdir(exist_ok=True)
+            base = _timed(functools.partial(_copy_each, staged, copies))
+            shutil.rmtree(copies)
+            tag = f"bench-{i}-{secrets.token_hex(4)}-"
+            t0 = time.perf_counter()
+            for j, p in enumerate(staged):
+                os.rename(p, capture / f"{tag}{j}.bin")
+            events = agent.wait_for("delivered", opts.timeout, count=n, where=_tagged(tag))
+            took = time.perf_counter() - t0
+            delivered.remove(events)
+            if i >= opts.warmup:
+                result.baseline_s.append(base)
+                result.measured_s.append(took)
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
+        for p in capture.glob(".small-*.part"):
+            _unlink(p)
+    result.other_load_cores = meter.other_cores(agent.cpu_seconds() - agent_cpu0)
+    return result
+
+
+def machine_info(path: Path) -> dict[str, str]:
+    import cryptography
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    fs = "unknown"
+    with contextlib.suppress(OSError, ValueError):
+        real, best = os.path.realpath(path), ""
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype, mopts = line.split()[:4]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fs = mnt, f"{fstype} on {dev} at {mnt} ({mopts})"
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "nproc": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "cryptography": cryptography.__version__,
+        "dir": str(path),
+        "filesystem": fs,
+    }
+
+
+@contextlib.contextmanager
+def _workdir(parent: Path) -> Iterator[Path]:
+    if not parent.is_dir():
+        raise BenchError(f"{parent} is not a directory")
+    try:
+        work = Path(tempfile.mkdtemp(prefix=".mediaseal-bench-", dir=parent))
+    except OSError as e:
+        raise BenchError(f"cannot write in {parent}: {e.strerror}") from None
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> Report:
+    """Every measurement, in a temporary directory under `opts.dir` that is removed afterwards."""
+    from keys.keyring import Keyring
+
+    say = progress or (lambda _msg: None)
+    report = Report(opts, machine_info(opts.dir))
+    with _workdir(opts.dir) as work:
+        keyring = work / "keyring"
+        # A throwaway keyring: only its public key is used; the passphrase is random and never kept.
+        recipient = Keyring.init(keyring, secrets.token_urlsafe(32).encode()).recipient()
+        say(f"file to spool: {opts.warmup} + {opts.rounds} rounds of {_fmt_size(opts.size)}")
+        try:
+            report.results.update(measure_spool(work, recipient, opts))
+        except OSError as e:
+            raise BenchError(f"file to spool in {opts.dir}: {e}") from None
+        say("end to end: starting the agent")
+        try:
+            results, left = measure_agent(work, keyring, opts)
+        except OSError as e:
+            raise BenchError(f"end to end in {opts.dir}: {e}") from None
+        report.results.update(results)
+        report.left_in_repository = left
+    return report
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """`64MiB`, `4m`, `1GiB`, `65536`: binary units (K, M, G; optional `iB`/`B`)."""
+    units = {"k": KiB, "m": MiB, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if t[-1:] in units else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 64MiB)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("size must be at least 1 byte")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _fmt_size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sp = sub.add_parser(
+        "bench", help="measure file-to-spool and end-to-end throughput on this host's disks vs a plain copy",
+        description="Measure, on this host's own disks, sealing a file into the spool and the agent end to end"
+                    " (drop -> delivered), each against a plain copy of the same bytes measured in the same run"
+                    " (interleaved rounds, medians). Writes only in a temporary directory under --dir.")
+    sp.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), metavar="DIR",
+                    help="the filesystem to measure (e.g. the spool's); default: the system temp dir")
+    sp.add_argument("--size", type=parse_size, default=64 * MiB, metavar="SIZE",
+                    help="size of the large recording (default 64MiB; keep to 64-256MiB on throttled VMs)")
+    sp.add_argument("--rounds", type=_positive, default=5, metavar="N", help="measured rounds (default 5)")
+    sp.add_argument("--warmup", type=_count, default=1, metavar="N", help="warm-up rounds, dropped (default 1)")
+    sp.add_argument("--small-count", type=_count, default=200, metavar="N",
+                    help="64 KiB recordings per small-file round (default 200; 0 skips the small-file rate)")
+    sp.add_argument("--repository", metavar="URL",
+                    help="deliver to this repository (file:///dir or s3://bucket/prefix) instead of a"
+                         " temporary file:// one; packages left in an s3:// repository are listed")
+    sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for --repository (default: the AWS chain)")
+    sp.add_argument("--fsync", action="store_true",
+                    help="include fsync in both sides of the file-to-spool figures (end to end always has it)")
+    sp.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                    help="seconds to wait for the agent at any one step (default 600)")
+    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    sp.set_defaults(func=cmd_bench)
+
+
+def options_from(args: argparse.Namespace) -> BenchOptions:
+    if args.repository is not None and urlparse(args.repository).scheme not in ("file", "s3"):
+        raise BenchError(f"--repository {args.repository!r}: use file:///dir or s3://bucket/prefix")
+    return BenchOptions(dir=args.dir.resolve(), size=args.size, rounds=args.rounds, warmup=args.warmup,
+                        repository=args.repository, endpoint_url=args.endpoint_url, small_count=args.small_count,
+                        fsync=args.fsync, timeout=args.timeout)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    try:
+        opts = options_from(args)
+        progress = None if args.json else (lambda msg: print(f"mediaseal bench: {msg}", file=sys.stderr, flush=True))
+        report = run_bench(opts, progress)
+    except BenchError as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print_table(report)
+
+
+def print_table(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m, o = report.machine, report.options
+    fs = m["filesystem"].split(" (", 1)[0]
+    table = Table(title=f"mediaseal bench: {m['dir']} ({fs})", title_justify="left")
+    for name, justify in (("measurement", "left"), ("MB/s", "right"), ("recordings/s", "right"),
+                          ("baseline (same run)", "left"), ("MB/s", "right"), ("ratio", "right"),
+                          ("other load", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in report.results.values():
+        table.add_row(r.name, f"{r.mb_per_s:,.0f}", f"{r.recordings_per_s:,.1f}", r.baseline_name,
+                      f"{r.baseline_mb_per_s:,.0f}", f"{r.ratio:.2f}x", f"{r.other_load_cores:.2f} cores")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    console.print(table)
+    console.print(f"{m['cpu']}, {m['nproc']} cores; Python {m['python']}, cryptography {m['cryptography']}."
+                  f" Medians of {o.rounds} round(s) after {o.warmup} warm-up, interleaved with the baseline;"
+                  f" ratio = baseline time / measured time; MB = 10^6 bytes; fsync"
+                  f" {'in both sides' if o.fsync else 'in neither side'} of file -> spool, in both end to end.",
+                  highlight=False)
+    busy = max((r.other_load_cores for r in report.results.values()), default=0.0)
+    if busy > 0.2:
+        console.print(f"Other processes used up to {busy:.2f} cores meanwhile: the agent's two-thread paths"
+                      " lose more to them than a copy does, so these ratios understate it. Run again when"
+                      " the host is quiet.", highlight=False)
+    if report.left_in_repository:
+        console.print(f"{len(report.left_in_repository)} benchmark package(s) left in {o.repository}"
+                      " (agent id mediaseal-bench): remove them if unwanted; --json lists their keys.",
+                      highlight=False)
