@@ -194,6 +194,9 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
     if args.length is not None and args.offset is None:
         args.offset = 0
     unwrapper = _unwrapper(args)
+    if args.input.startswith(("s3://", "file://")):
+        _decrypt_url(args, unwrapper)
+        return
     with _open_in(args.input) as src:
         if not _seekable(src):
             if args.offset is not None:
@@ -206,11 +209,85 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
             reader.decrypt_to(dst, args.offset or 0, args.length)
 
 
+def _decrypt_url(args: argparse.Namespace, unwrapper: codec.Unwrapper) -> None:
+    """A package in a repository (s3://bucket/key, file:///path): ranged reads of only the chunks needed."""
+    from export.playback import RemotePackage
+    from export.source import SourceError, open_source, split_url
+
+    async def run() -> None:
+        repository, key = split_url(args.input)
+        source = open_source(repository)
+        try:
+            package = await RemotePackage.open(source, key, unwrapper)
+            with _atomic_out(args.output) as dst:
+                async for piece in package.iter_range(args.offset or 0, args.length):
+                    dst.write(piece)
+        finally:
+            await source.close()
+
+    try:
+        asyncio.run(run())
+    except SourceError as e:
+        raise CommandError(str(e)) from None
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     with _open_in(args.input) as src:
         reader = codec.open_package(src, _unwrapper(args))
         size = reader.verify()
     print(f"ok: {reader.header.metadata.recording_id}, {size} bytes, {reader.layout.chunks} chunks authenticated")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from export.serve import ServeError, ServeOptions, check_options, run_server
+
+    options = ServeOptions(
+        repository=args.repository, audit_log=args.audit_log, host=args.host, port=args.port,
+        tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
+        s3={"endpoint_url": args.endpoint_url} if args.endpoint_url else {},
+    )
+    try:
+        check_options(options)  # before any key is unlocked
+        asyncio.run(run_server(options, _unwrapper(args)))
+    except ServeError as e:
+        raise CommandError(str(e)) from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from export.bulk import ExportError, ExportOptions, Selection, parse_ids, run_export
+    from export.pgp import PgpError
+
+    ids = parse_ids(_read_file(args.ids).decode("utf-8", "replace")) if args.ids else None
+    options = ExportOptions(
+        source=args.source, dest=args.dest, sse=args.sse, sse_kms_key_id=args.sse_kms_key_id,
+        selection=Selection(prefix=args.prefix, kinds=frozenset(args.kind or ()), since=args.since,
+                            until=args.until, ids=ids),
+        pgp_recipient=Path(args.pgp_recipient) if args.pgp_recipient else None,
+        concurrency=args.concurrency, endpoint_url=args.endpoint_url,
+    )
+    if args.sse == "aws:kms" and not args.sse_kms_key_id:
+        raise CommandError("--sse aws:kms needs --sse-kms-key-id")
+    if args.sse_kms_key_id and args.sse != "aws:kms":
+        raise CommandError("--sse-kms-key-id goes with --sse aws:kms")
+    unwrapper = _unwrapper(args)
+
+    async def run() -> typing.Any:
+        try:
+            return await run_export(options, unwrapper)
+        finally:
+            close = getattr(unwrapper, "close", None)
+            if close is not None and asyncio.iscoroutinefunction(close):
+                await close()
+
+    try:
+        report = asyncio.run(run())
+    except (ExportError, PgpError) as e:
+        raise CommandError(str(e)) from None
+    for failure in report.failed:
+        print(f"mediaseal: error: {failure.key}: {failure.error}", file=sys.stderr)
+    print(report.summary())
+    if report.failed:
+        raise CommandError(f"{len(report.failed)} recording(s) failed to export (listed above)")
 
 
 def cmd_lkm_serve(args: argparse.Namespace) -> None:
@@ -347,6 +424,20 @@ def _kms_opts(sp: argparse.ArgumentParser) -> None:
                          f" (default {DEFAULT_CACHE_SECONDS:g})")
 
 
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -430,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunk-size", type=_chunk_size, default=codec.DEFAULT_CHUNK_SIZE)
 
     sp = add("decrypt", cmd_decrypt, "decrypt a package; OUT appears only if every chunk authenticated")
-    sp.add_argument("input", metavar="IN")
+    sp.add_argument("input", metavar="IN",
+                    help="a package file, - for stdin, or a repository URL: s3://bucket/key or file:///path"
+                         " (S3 endpoint and credentials from the AWS environment, e.g. AWS_ENDPOINT_URL_S3)")
     sp.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, or - for stdout")
     keyring_opts(sp, required=False)
     sp.add_argument("--offset", type=_count, metavar="N", help="first plaintext byte to decrypt")
@@ -440,6 +533,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("verify", cmd_verify, "authenticate a whole package, writing nothing")
     sp.add_argument("input", metavar="IN")
+    keyring_opts(sp, required=False)
+    _kms_opts(sp)
+    lkm_options.add_client_arguments(sp)
+
+    sp = add("serve", cmd_serve, "serve decrypted recordings over HTTP(S) with Range seeking (authenticated, audited)")
+    sp.add_argument("repository", metavar="REPOSITORY", help="file:///dir or s3://bucket/prefix")
+    sp.add_argument("--audit-log", required=True, type=Path, metavar="FILE",
+                    help="one JSON line per request is appended here (created 0600)")
+    sp.add_argument("--tokens", type=Path, metavar="FILE",
+                    help="bearer tokens, one per line (name:token or token), file mode 0600")
+    sp.add_argument("--tls-cert", type=Path, metavar="FILE")
+    sp.add_argument("--tls-key", type=Path, metavar="FILE")
+    sp.add_argument("--client-ca", type=Path, metavar="FILE", help="require client certificates from this CA (mTLS)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8750)
+    sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
+    keyring_opts(sp, required=False)
+    _kms_opts(sp)
+    lkm_options.add_client_arguments(sp)
+
+    sp = add("export", cmd_export, "bulk export: decrypt recordings (optionally OpenPGP-encrypt them) into a bucket")
+    sp.add_argument("--source", required=True, metavar="URL", help="the repository: s3://bucket/prefix or file:///dir")
+    sp.add_argument("--dest", required=True, metavar="URL", help="s3://bucket/prefix to write to")
+    sp.add_argument("--prefix", default="", metavar="P", help="only keys under this prefix of the repository")
+    sp.add_argument("--kind", action="append", choices=codec.KINDS, help="only this kind (repeatable)")
+    sp.add_argument("--since", type=_date, metavar="YYYY-MM-DD", help="only recordings of this day or later")
+    sp.add_argument("--until", type=_date, metavar="YYYY-MM-DD", help="only recordings of this day or earlier")
+    sp.add_argument("--ids", metavar="FILE", help="only these recording ids (one per line)")
+    sp.add_argument("--pgp-recipient", metavar="CERT", help="encrypt each recording to this OpenPGP certificate")
+    sp.add_argument("--sse", choices=("AES256", "aws:kms"), help="server-side encryption of the exported objects")
+    sp.add_argument("--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms")
+    sp.add_argument("--concurrency", type=_positive, default=4, metavar="N", help="recordings in flight (default 4)")
+    sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for both buckets (default: the AWS chain)")
     keyring_opts(sp, required=False)
     _kms_opts(sp)
     lkm_options.add_client_arguments(sp)
@@ -457,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.status import add_parser as add_status  # the spool's state from its manifests
 
     add_status(sub)
+    from agent.bench import add_parser as add_bench  # throughput on this host vs a plain copy
+
+    add_bench(sub)
     return p
 
 

@@ -1,0 +1,696 @@
+"""Bulk export: recordings out of a repository, decrypted (and optionally OpenPGP-encrypted) into a bucket.
+
+>>> report = await run_export(ExportOptions(source="s3://rec/site-a", dest="s3://audit/case-7",
+...                                         sse="aws:kms", sse_kms_key_id=key_arn), unwrapper)
+>>> report.exported, report.skipped, report.failed
+
+Per recording, one stream: ranged GET of the package -> chunks authenticated and decrypted (header,
+key commitment and every chunk tag checked) -> SHA-256 of the plaintext -> optionally `gpg --encrypt`
+-> multipart upload with a SHA-256 checksum per part. Nothing touches the local disk; memory per
+recording is about one part buffer plus a chunk. At most `concurrency` recordings are in flight.
+
+Destination layout: `<prefix>/year=YYYY/month=MM/day=DD/<recording-id>.<ext>[.pgp]` and beside it
+`<recording-id>_metadata.json`. The date is the one in the source key (`<kind>/<YYYY>/<MM>/<DD>/`),
+else the capture time. The data object is verified by HEAD (size, SHA-256 checksum, server-side
+encryption) before the metadata object is written, so a metadata object that matches the source
+package (key, size, PGP recipient) means "done": a re-run skips it. A failure (wrong key, tampered
+package, upload error) fails that recording only (its multipart upload is aborted) and is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import mimetypes
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import codec
+from export.pgp import PgpError, PgpRecipient
+from export.source import PackageSource, SourceError, SourceObject, open_source
+from keys.errors import KeysError
+from keys.lkm.client import LKMClient
+from uploader.base import RepositoryError
+from uploader.s3 import MIN_PART_SIZE, S3Options, parse_s3_url
+
+__all__ = ["ExportError", "ExportOptions", "Failure", "Report", "Selection", "run_export"]
+
+MiB = 1 << 20
+HEAD_READ = 64 * 1024  # the first GET of a package: its header is far smaller
+EXPORT_FORMAT = "mediaseal-export/1"
+_LAYOUT = re.compile(r"(?:^|/)(call|screen|digital|transcript)/(\d{4})/(\d{2})/(\d{2})/([^/]+)\.mseal$")
+_EXT = re.compile(r"[A-Za-z0-9]{1,10}")
+
+
+class ExportError(Exception):
+    """The export could not start or could not write one recording (one line)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which recordings: every filter given must match."""
+
+    prefix: str = ""
+    kinds: frozenset[str] = frozenset()
+    since: dt.date | None = None
+    until: dt.date | None = None  # inclusive
+    ids: frozenset[str] | None = None
+
+    def wants(self, kind: str | None, day: dt.date | None, recording_id: str | None) -> bool:
+        """None means "not known yet" and passes (the header decides later)."""
+        if self.kinds and kind is not None and kind not in self.kinds:
+            return False
+        if day is not None and ((self.since and day < self.since) or (self.until and day > self.until)):
+            return False
+        return not (self.ids is not None and recording_id is not None and recording_id not in self.ids)
+
+    @property
+    def needs_date(self) -> bool:
+        return self.since is not None or self.until is not None
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    source: str  # s3://bucket/prefix or file:///dir
+    dest: str  # s3://bucket/prefix
+    selection: Selection = Selection()
+    sse: str | None = None  # AES256 | aws:kms
+    sse_kms_key_id: str | None = None
+    pgp_recipient: Path | None = None
+    concurrency: int = 4
+    part_size: int = 8 * MiB
+    batch: int = 64  # recordings whose headers are read and DEKs unwrapped together
+    endpoint_url: str | None = None  # both repositories; None: the AWS chain (AWS_ENDPOINT_URL_S3, ...)
+
+
+@dataclass(frozen=True)
+class Failure:
+    key: str
+    error: str
+
+
+@dataclass
+class Report:
+    selected: int = 0
+    exported: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    plaintext_bytes: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.plaintext_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        per_s = self.exported / self.seconds if self.seconds > 0 else 0.0
+        return (f"export: {self.selected} selected, {self.exported} exported, {self.skipped} already exported, "
+                f"{len(self.failed)} failed; {self.plaintext_bytes} bytes in {self.seconds:.1f} s "
+                f"({per_s:.1f} recordings/s, {rate:.1f} MB/s)")
+
+
+class Progress(Protocol):
+    def start(self, total: int, total_bytes: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def done(self, key: str, outcome: str, detail: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class LogProgress:
+    """Plain lines on stderr, one per recording (for logs and pipes)."""
+
+    def start(self, total: int, total_bytes: int) -> None:
+        _say(f"export: {total} recording(s) selected, {total_bytes} package bytes")
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def done(self, key: str, outcome: str, detail: str) -> None:
+        if outcome != "excluded":
+            _say(f"export: {outcome} {key}: {detail}")
+
+    def stop(self) -> None:
+        pass
+
+
+class RichProgress:
+    """A progress bar on a terminal: recordings, bytes, throughput, ETA."""
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichBar
+
+        self._bar = RichBar(TextColumn("[bold]export"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True))
+        self._recs: Any = None
+        self._bytes: Any = None
+
+    def start(self, total: int, total_bytes: int) -> None:
+        self._bar.start()
+        self._recs = self._bar.add_task("recordings", total=total)
+        self._bytes = self._bar.add_task("bytes", total=total_bytes, visible=False)
+
+    def advance(self, nbytes: int) -> None:
+        self._bar.advance(self._bytes, nbytes)
+
+    def done(self, key: str, outcome: str, detail: str) -> None:
+        self._bar.advance(self._recs, 1)
+        if outcome == "failed":
+            self._bar.console.print(f"export: failed {key}: {detail}")
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
+def default_progress() -> Progress:
+    return RichProgress() if sys.stderr.isatty() else LogProgress()
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- the export ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    obj: SourceObject
+    header: codec.Header | None = None
+    day: dt.date | None = None
+    dek: bytes | None = None
+    kid: str = ""
+    error: str | None = None
+
+
+async def run_export(opts: ExportOptions, unwrapper: codec.Unwrapper, progress: Progress | None = None) -> Report:
+    """Export every selected recording; per-recording failures are in the report, not raised."""
+    if opts.concurrency < 1 or opts.batch < 1:
+        raise ExportError("--concurrency and the batch size must be at least 1")
+    if opts.part_size < MIN_PART_SIZE:
+        raise ExportError("the part size must be at least 5 MiB")
+    progress = progress or default_progress()
+    started = time.monotonic()
+    pgp = await PgpRecipient.load(opts.pgp_recipient) if opts.pgp_recipient else None
+    try:
+        dest = _Dest(opts)
+        try:
+            source = open_source(opts.source, endpoint_url=opts.endpoint_url)
+        except SourceError as e:
+            raise ExportError(str(e)) from None
+        try:
+            report = await _Exporter(opts, unwrapper, source, dest, pgp, progress).run()
+        finally:
+            await source.close()
+            await dest.close()
+    finally:
+        if pgp is not None:
+            pgp.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+class _Exporter:
+    def __init__(self, opts: ExportOptions, unwrapper: codec.Unwrapper, source: PackageSource, dest: _Dest,
+                 pgp: PgpRecipient | None, progress: Progress) -> None:
+        self.opts, self.unwrapper, self.source, self.dest, self.pgp = opts, unwrapper, source, dest, pgp
+        self.progress = progress
+        self.report = Report()
+        self.slots = asyncio.Semaphore(opts.concurrency)
+
+    async def run(self) -> Report:
+        sel = self.opts.selection
+        selected: list[SourceObject] = []
+        try:
+            async for obj in self.source.list(sel.prefix):
+                facts = _key_facts(obj.key)
+                if facts is None or sel.wants(*facts):
+                    selected.append(obj)
+        except SourceError as e:
+            raise ExportError(str(e)) from None
+        await self.dest.check()
+        self.progress.start(len(selected), sum(o.size for o in selected))
+        try:
+            for start in range(0, len(selected), self.opts.batch):
+                window = [_Item(o) for o in selected[start:start + self.opts.batch]]
+                await asyncio.gather(*(self._bounded(self._prepare, it) for it in window))
+                await self._unwrap_batch([it for it in window if it.header is not None and it.error is None])
+                await asyncio.gather(*(self._bounded(self._finish, it) for it in window))
+        finally:
+            self.progress.stop()
+        self.report.selected = self.report.exported + self.report.skipped + len(self.report.failed)
+        return self.report
+
+    async def _bounded(self, fn: Callable[[_Item], Awaitable[None]], item: _Item) -> None:
+        async with self.slots:
+            try:
+                await fn(item)
+            except (codec.CodecError, KeysError, SourceError, PgpError, ExportError, RepositoryError) as e:
+                item.error = str(e) or type(e).__name__
+
+    async def _prepare(self, it: _Item) -> None:
+        """Read the header; drop recordings the filters exclude; mark those already exported."""
+        head, _size = await self.source.read_head(it.obj.key, HEAD_READ)
+        header = codec.read_header(io.BytesIO(head))
+        codec.Layout(header.size, header.chunk_size, it.obj.size)  # a truncated package fails here
+        m = header.metadata
+        facts = _key_facts(it.obj.key)
+        it.day = facts[1] if facts else _date_of(m.captured_at)
+        if not self.opts.selection.wants(m.kind, it.day, m.recording_id) or (
+                self.opts.selection.needs_date and it.day is None):
+            it.error = "excluded"  # not an error: not reported
+            return
+        it.header = header
+        done = await self.dest.exported(self._meta_key(it), it.obj, self._fingerprint)
+        if done:
+            it.error = "skipped"
+
+    @property
+    def _fingerprint(self) -> str | None:
+        return self.pgp.fingerprint if self.pgp else None
+
+    async def _unwrap_batch(self, items: Sequence[_Item]) -> None:
+        """LKM: one batch request for the window (first wrap of each); the rest one by one later."""
+        if not isinstance(self.unwrapper, LKMClient) or not items:
+            return
+        try:
+            answers = await self.unwrapper.unwrap_batch(
+                [(it.header.wraps[0], it.header.metadata.recording_id) for it in items if it.header is not None])
+        except KeysError:
+            return  # each recording asks on its own, and fails on its own
+        for it, answer in zip(items, answers, strict=True):
+            if isinstance(answer, bytes) and it.header is not None:
+                it.dek, it.kid = answer, it.header.wraps[0].kid
+
+    async def _finish(self, it: _Item) -> None:
+        key = it.obj.key
+        if it.error == "excluded":
+            self.progress.advance(it.obj.size)
+            self.progress.done(key, "excluded", "not selected")
+            return
+        if it.error == "skipped":
+            self.report.skipped += 1
+            self.progress.advance(it.obj.size)
+            self.progress.done(key, "skipped", "already exported")
+            return
+        if it.error is None:
+            try:
+                await self._export(it)
+            except (codec.CodecError, KeysError, SourceError, PgpError, ExportError, RepositoryError) as e:
+                it.error = str(e) or type(e).__name__
+            except Exception as e:  # anything else fails this recording, not the export
+                it.error = f"{type(e).__name__}: {e}"
+        if it.error is not None:
+            self.report.failed.append(Failure(key, it.error))
+            self.progress.done(key, "failed", it.error)
+
+    async def _unwrap(self, it: _Item) -> None:
+        assert it.header is not None
+        if it.dek is not None:
+            return
+        failure: Exception | None = None
+        for w in it.header.wraps:  # one at a time, so the metadata can name the kid that opened it
+            try:
+                if isinstance(self.unwrapper, LKMClient):
+                    it.dek = await self.unwrapper.unwrap_async([w], it.header.metadata.recording_id)
+                else:
+                    it.dek = await asyncio.to_thread(self.unwrapper.unwrap, [w])
+            except (codec.NoMatchingKeyError, KeysError) as e:
+                failure = failure if isinstance(failure, KeysError) else e
+                continue
+            it.kid = w.kid
+            return
+        raise failure or codec.NoMatchingKeyError("the package has no wraps")
+
+    async def _export(self, it: _Item) -> None:
+        assert it.header is not None
+        try:
+            await self._unwrap(it)
+        except (codec.NoMatchingKeyError, KeysError) as e:
+            raise ExportError(f"no key: {e}") from None
+        assert it.dek is not None
+        header, obj = it.header, it.obj
+        keys = header.open(it.dek)  # key commitment and header MAC, before any chunk
+        it.dek = None
+        m = header.metadata
+        data_key = self.dest.key(self._day_path(it), f"{m.recording_id}.{_extension(m)}"
+                                 + (".pgp" if self.pgp else ""))
+        content_type = "application/pgp-encrypted" if self.pgp else m.content_type
+        upload = _Upload(self.dest, data_key, content_type, self.opts.part_size)
+        plain = _PlainStream(self.source, obj, header, keys, self.progress)
+        try:
+            if self.pgp is None:
+                async for piece in plain.pieces():
+                    await upload.write(piece)
+            else:
+                await self._through_gpg(self.pgp, plain, upload)
+            size, checksum = await upload.finish()
+        except BaseException:
+            await upload.abort()
+            raise
+        await self.dest.verify(data_key, size, checksum)
+        doc = {
+            "format": EXPORT_FORMAT,
+            "recording": dict(m.__dict__),
+            "kid": it.kid,
+            "kids": [w.kid for w in header.wraps],
+            "source": {"repository": self.source.url, "key": obj.key, "size": obj.size},
+            "object": {"key": data_key, "size": size, "checksum_sha256": checksum, "content_type": content_type},
+            "plaintext": {"size": plain.size, "sha256": plain.sha256.hexdigest()},
+            "server_side_encryption": {"sse": self.opts.sse, "kms_key_id": self.opts.sse_kms_key_id},
+            "pgp": {"recipient_fingerprint": self.pgp.fingerprint, "recipient": self.pgp.user_id,
+                    "packets": "PKESK v3 + SEIPD v1 (MDC)"} if self.pgp else None,
+            "exported_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        await self.dest.put_small(self._meta_key(it), json.dumps(doc, indent=2).encode() + b"\n", "application/json")
+        self.report.exported += 1
+        self.report.plaintext_bytes += plain.size
+        self.progress.done(obj.key, "exported", f"{self.dest.url_of(data_key)} ({plain.size} bytes)")
+
+    async def _through_gpg(self, pgp: PgpRecipient, plain: _PlainStream, upload: _Upload) -> None:
+        async with pgp.encryptor() as enc:
+            async def feed() -> None:
+                async for piece in plain.pieces():
+                    await enc.write(piece)
+                await enc.close_input()
+
+            async def drain() -> None:
+                async for block in enc.output(MiB):
+                    await upload.write(block)
+
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(feed())
+                    tg.create_task(drain())
+            except BaseExceptionGroup as eg:
+                raise _first(eg) from None
+
+    def _day_path(self, it: _Item) -> str:
+        d = it.day
+        return "year=unknown/month=unknown/day=unknown" if d is None else \
+            f"year={d.year:04d}/month={d.month:02d}/day={d.day:02d}"
+
+    def _meta_key(self, it: _Item) -> str:
+        assert it.header is not None
+        return self.dest.key(self._day_path(it), f"{it.header.metadata.recording_id}_metadata.json")
+
+
+def _first(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    for x in eg.exceptions:
+        if isinstance(x, BaseExceptionGroup):
+            return _first(x)
+        if not isinstance(x, asyncio.CancelledError):
+            return x
+    first: BaseException = eg.exceptions[0]
+    return first
+
+
+class _PlainStream:
+    """The authenticated plaintext of one package, chunk by chunk, from one streamed ranged GET."""
+
+    def __init__(self, source: PackageSource, obj: SourceObject, header: codec.Header, keys: codec.Keys,
+                 progress: Progress) -> None:
+        self.source, self.obj, self.header, self.progress = source, obj, header, progress
+        self.layout = codec.Layout(header.size, header.chunk_size, obj.size)
+        self.opener = codec.ChunkOpener(keys.payload)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def _open(self, index: int, ct: bytes, last: bool) -> bytes:
+        out = bytearray(len(ct))
+        n = self.opener.open_into(index, memoryview(ct), memoryview(out), last)
+        del out[n:]
+        self.sha256.update(out)
+        return bytes(out)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        chunks, stride = self.layout.chunks, self.layout.stride
+        index = 0
+        body = self.obj.size - self.header.size
+        async for ct in self.source.iter_read(self.obj.key, self.header.size, body, stride):
+            if index >= chunks:
+                raise codec.MalformedPackageError("the package grew while it was read")
+            last = index == chunks - 1
+            if len(ct) != (self.layout.chunk_span(index)[1]):
+                raise codec.TruncatedPackageError(f"package ends inside chunk {index}")
+            pt = await asyncio.to_thread(self._open, index, ct, last)
+            self.size += len(pt)
+            self.progress.advance(len(ct))
+            index += 1
+            yield pt
+        if index != chunks:
+            raise codec.TruncatedPackageError(f"package is truncated after chunk {index}")
+        self.progress.advance(self.header.size)
+
+
+# -- the destination bucket --------------------------------------------------------------------------
+
+
+class _Dest:
+    """The destination bucket: its own aioboto3 client (botocore's standard retries, 3 attempts)."""
+
+    def __init__(self, opts: ExportOptions) -> None:
+        try:
+            self.bucket, self.prefix = parse_s3_url(opts.dest)
+            S3Options(sse=opts.sse, sse_kms_key_id=opts.sse_kms_key_id)  # validates the combination
+        except RepositoryError as e:
+            raise ExportError(str(e)) from None
+        self.opts = opts
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+
+    def key(self, day_path: str, name: str) -> str:
+        return f"{self.prefix}/{day_path}/{name}" if self.prefix else f"{day_path}/{name}"
+
+    def url_of(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def sse_args(self) -> dict[str, str]:
+        args: dict[str, str] = {}
+        if self.opts.sse:
+            args["ServerSideEncryption"] = self.opts.sse
+        if self.opts.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.opts.sse_kms_key_id
+        return args
+
+    async def client(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                import aioboto3
+                from aiobotocore.config import AioConfig
+
+                config = AioConfig(retries={"total_max_attempts": 3, "mode": "standard"},
+                                   max_pool_connections=max(10, 2 * self.opts.concurrency),
+                                   request_checksum_calculation="when_required",
+                                   response_checksum_validation="when_required")
+                stack = contextlib.AsyncExitStack()
+                try:
+                    self._client = await stack.enter_async_context(
+                        aioboto3.Session().client("s3", endpoint_url=self.opts.endpoint_url, config=config))
+                except Exception as e:
+                    await stack.aclose()
+                    raise ExportError(f"destination {self.opts.dest}: {e}") from None
+                self._stack = stack
+            return self._client
+
+    async def call(self, op: str, key: str, fn: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return await fn(Bucket=self.bucket, **kwargs)
+        except ClientError as e:
+            err = e.response.get("Error", {}) or {}
+            code, msg = str(err.get("Code") or ""), str(err.get("Message") or "").strip()
+            raise ExportError(f"s3 {op} {self.url_of(key)}: {code}" + (f" ({msg})" if msg and msg != code else ""),
+                              ) from None
+        except (BotoCoreError, OSError, TimeoutError) as e:
+            raise ExportError(f"s3 {op} {self.url_of(key)}: {e}") from None
+
+    async def check(self) -> None:
+        """The destination bucket exists and answers (before any recording is read)."""
+        c = await self.client()
+        try:
+            await self.call("HeadBucket", "", c.head_bucket)
+        except ExportError as e:
+            if ": 404" in str(e) or "NoSuchBucket" in str(e):
+                raise ExportError(f"destination bucket {self.bucket} does not exist") from None
+            raise
+
+    async def exported(self, meta_key: str, obj: SourceObject, fingerprint: str | None) -> bool:
+        """True when a metadata object says this very package was exported (and its data object is there)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        c = await self.client()
+        try:
+            resp = await c.get_object(Bucket=self.bucket, Key=meta_key)
+            async with resp["Body"] as body:
+                doc = json.loads(await body.read())
+        except ClientError as e:
+            if (e.response.get("Error", {}) or {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise ExportError(f"s3 GetObject {self.url_of(meta_key)}: {e}") from None
+        except (BotoCoreError, OSError, TimeoutError) as e:
+            raise ExportError(f"s3 GetObject {self.url_of(meta_key)}: {e}") from None
+        except ValueError:
+            return False  # not ours, or damaged: export again (same keys: overwritten)
+        try:
+            same = (doc["format"] == EXPORT_FORMAT and doc["source"]["key"] == obj.key
+                    and doc["source"]["size"] == obj.size
+                    and (doc["pgp"] or {}).get("recipient_fingerprint") == fingerprint)
+            data_key, size = str(doc["object"]["key"]), int(doc["object"]["size"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if not same:
+            return False
+        try:
+            head = await c.head_object(Bucket=self.bucket, Key=data_key)
+        except (ClientError, BotoCoreError, OSError, TimeoutError):
+            return False
+        return int(head.get("ContentLength", -1)) == size
+
+    async def put_small(self, key: str, data: bytes, content_type: str) -> str:
+        c = await self.client()
+        b64 = _b64(hashlib.sha256(data).digest())
+        resp = await self.call("PutObject", key, c.put_object, Key=key, Body=data, ContentType=content_type,
+                               ChecksumAlgorithm="SHA256", ChecksumSHA256=b64, **self.sse_args())
+        echoed = resp.get("ChecksumSHA256")
+        if echoed is not None and echoed != b64:
+            raise ExportError(f"s3 PutObject {self.url_of(key)}: the store computed SHA-256 {echoed}, sent {b64}")
+        return b64
+
+    async def verify(self, key: str, size: int, checksum: str) -> None:
+        c = await self.client()
+        head = await self.call("HeadObject", key, c.head_object, Key=key, ChecksumMode="ENABLED")
+        where = self.url_of(key)
+        if head.get("ContentLength") != size:
+            raise ExportError(f"verify {where}: holds {head.get('ContentLength')} bytes, sent {size}")
+        got = str(head.get("ChecksumSHA256") or "")
+        value, _, parts = got.partition("-")
+        want, _, want_parts = checksum.partition("-")
+        if not got or value != want or (parts and parts != want_parts):
+            raise ExportError(f"verify {where}: checksum {got or 'missing'}, sent {checksum}")
+        if self.opts.sse and head.get("ServerSideEncryption") != self.opts.sse:
+            raise ExportError(f"verify {where}: stored with encryption {head.get('ServerSideEncryption')}, "
+                              f"asked for {self.opts.sse}")
+
+    async def close(self) -> None:
+        async with self._lock:
+            stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+
+class _Upload:
+    """One object written as a stream: a single PutObject if it stays under one part, else multipart
+    (SHA-256 per part). Nothing exists at the key until `finish`; `abort` drops an unfinished upload."""
+
+    def __init__(self, dest: _Dest, key: str, content_type: str, part_size: int) -> None:
+        self.dest, self.key, self.content_type, self.part_size = dest, key, content_type, part_size
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        self.digests: list[bytes] = []
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= self.part_size:
+            part = bytes(self.buf[:self.part_size])
+            del self.buf[:self.part_size]
+            await self._send_part(part)
+
+    async def _send_part(self, part: bytes) -> None:
+        c = await self.dest.client()
+        if self.upload_id is None:
+            resp = await self.dest.call("CreateMultipartUpload", self.key, c.create_multipart_upload, Key=self.key,
+                                        ContentType=self.content_type, ChecksumAlgorithm="SHA256",
+                                        **self.dest.sse_args())
+            self.upload_id = str(resp["UploadId"])
+        digest = hashlib.sha256(part).digest()
+        n = len(self.parts) + 1
+        resp = await self.dest.call("UploadPart", self.key, c.upload_part, Key=self.key, UploadId=self.upload_id,
+                                    PartNumber=n, Body=part, ChecksumSHA256=_b64(digest))
+        self.parts.append({"PartNumber": n, "ETag": resp["ETag"], "ChecksumSHA256": _b64(digest)})
+        self.digests.append(digest)
+        self.size += len(part)
+
+    async def finish(self) -> tuple[int, str]:
+        """(bytes stored, the checksum S3 should report: base64 SHA-256, or the composite `...-N`)."""
+        if self.upload_id is None:
+            data = bytes(self.buf)
+            self.buf.clear()
+            return len(data), await self.dest.put_small(self.key, data, self.content_type)
+        if self.buf:
+            await self._send_part(bytes(self.buf))
+            self.buf.clear()
+        c = await self.dest.client()
+        await self.dest.call("CompleteMultipartUpload", self.key, c.complete_multipart_upload, Key=self.key,
+                             UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+        composite = _b64(hashlib.sha256(b"".join(self.digests)).digest())
+        self.upload_id = None
+        return self.size, f"{composite}-{len(self.parts)}"
+
+    async def abort(self) -> None:
+        if self.upload_id is None:
+            return
+        upload_id, self.upload_id = self.upload_id, None
+        with contextlib.suppress(Exception):
+            c = await self.dest.client()
+            await c.abort_multipart_upload(Bucket=self.dest.bucket, Key=self.key, UploadId=upload_id)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _key_facts(key: str) -> tuple[str, dt.date | None, str] | None:
+    """(kind, date, recording id) from a key in the agent's layout, else None."""
+    m = _LAYOUT.search(key)
+    if not m:
+        return None
+    kind, y, mo, d, rid = m.groups()
+    try:
+        day: dt.date | None = dt.date(int(y), int(mo), int(d))
+    except ValueError:
+        day = None
+    return kind, day, rid
+
+
+def _date_of(captured_at: str) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(captured_at[:10])
+    except ValueError:
+        return None
+
+
+def _extension(m: codec.Metadata) -> str:
+    """From the original file name, else the content type; `bin` when neither says."""
+    suffix = PurePosixPath(m.original_name.replace("\\", "/")).suffix.lstrip(".")
+    if _EXT.fullmatch(suffix):
+        return suffix.lower()
+    guessed = (mimetypes.guess_extension(m.content_type.split(";")[0].strip()) or "").lstrip(".")
+    return guessed if _EXT.fullmatch(guessed) else "bin"
+
+
+def parse_ids(text: str) -> frozenset[str]:
+    """Recording ids, one per line; blank lines and `#` comments ignored."""
+    return frozenset(s for line in text.splitlines() if (s := line.split("#", 1)[0].strip()))

@@ -1,0 +1,450 @@
+"""The playback server: `GET /recordings/<key>` streams a recording's plaintext, with HTTP Range seeking.
+
+>>> server = PlaybackServer(open_source("s3://recordings/site-a"), unwrapper,
+...                         tokens=load_tokens(Path("tokens")), audit=AuditLog(Path("audit.jsonl")))
+>>> runner = await server.start("127.0.0.1", 8750)     # or run_server(ServeOptions(...), unwrapper)
+
+- Authentication on every request, no anonymous access ever: a bearer token from the tokens file
+  (compared in constant time against every entry) and/or a client certificate verified against
+  `client_ca` (mTLS, required at the handshake). When both are configured, both are required. The
+  server refuses to start with neither, and refuses a non-loopback address without TLS.
+- Ranges (RFC 9110): `bytes=a-b`, `bytes=a-`, `bytes=-n` -> 206 with Content-Range. Several ranges
+  are answered with ONE 206 part spanning them all (coalesced, a permitted answer; no
+  multipart/byteranges). No satisfiable range -> 416 with `Content-Range: bytes */<size>`. A Range
+  header that does not parse (other unit, bad syntax, b < a) is ignored -> 200 with the whole
+  recording, as RFC 9110 section 14.2 says. `If-Range` with a different ETag -> 200 full.
+- Plaintext is never written anywhere but the socket: no temp files, no cache (and `Cache-Control:
+  no-store` so browsers and proxies keep none either). Each piece sent has authenticated; a chunk
+  that fails mid-stream closes the connection before any of its bytes go out (the client sees a
+  short body). Failures found before the headers (tampered or truncated package, wrong key, missing
+  object) are JSON errors: 404, 502 (package or repository), 503 (key service).
+- Opened packages (header and derived keys, never plaintext) are kept in memory for 30 s (64 at
+  most), so a player's stream of Range requests costs one ranged GET each; a revoked key (KMS) or a
+  replaced object therefore takes up to 30 s to show. Reads stay pinned to the object's ETag.
+- Audit: one JSON line per request (ts, remote, who, method, key, range asked, range served, status,
+  bytes sent, ms, error) appended to a 0600 file; never a key, a token or a byte of media.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import signal
+import ssl
+import stat
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+import codec
+from export.playback import RemotePackage
+from export.source import PackageSource, SourceError, SourceNotFoundError, check_key, open_source
+from keys.errors import KeysError
+
+__all__ = [
+    "DEFAULT_PORT", "AuditLog", "PlaybackServer", "ServeError", "ServeOptions", "load_tokens", "parse_range",
+    "run_server",
+]
+
+DEFAULT_PORT = 8750
+OPEN_SECONDS = 30.0  # how long an opened package (its derived keys, in memory only) is reused
+OPEN_MAX = 64
+MIN_TOKEN_CHARS = 32
+UNSATISFIABLE = "unsatisfiable"
+_RANGE_PART = re.compile(r"(\d*)-(\d*)")
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;\s*[A-Za-z0-9_.-]+=[A-Za-z0-9_.-]+)*")
+
+
+class ServeError(Exception):
+    """The server can't start as configured (one line)."""
+
+
+# -- Range -------------------------------------------------------------------------------------------
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | str | None:
+    """A Range header against a representation of `size` bytes.
+
+    (first, last) inclusive for the one range to send (several coalesce into one span), the string
+    UNSATISFIABLE for a 416, or None to send everything (no header, or one that does not parse).
+    """
+    if value is None:
+        return None
+    unit, sep, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or not sep:
+        return None
+    spans: list[tuple[int, int]] = []
+    parsed_any = False
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        m = _RANGE_PART.fullmatch(part)
+        if not m or (not m[1] and not m[2]):
+            return None
+        parsed_any = True
+        if not m[1]:  # suffix: the last n bytes
+            n = int(m[2])
+            if n > 0 and size > 0:
+                spans.append((max(0, size - n), size - 1))
+            continue
+        first = int(m[1])
+        last = int(m[2]) if m[2] else size - 1
+        if m[2] and last < first:
+            return None
+        if first < size:
+            spans.append((first, min(last, size - 1)))
+    if not parsed_any:
+        return None
+    if not spans:
+        return UNSATISFIABLE
+    return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+# -- authentication and audit ------------------------------------------------------------------------
+
+
+def load_tokens(path: Path) -> list[tuple[str, bytes]]:
+    """(name, SHA-256 of the token) per line `name:token` or `token`; # comments and blank lines skipped.
+
+    The file must not be readable by group or others; tokens are at least 32 characters.
+    """
+    try:
+        st = path.stat()
+        text = path.read_text()
+    except OSError as e:
+        raise ServeError(f"cannot read the tokens file {path}: {e.strerror}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ServeError(f"tokens file {path} is mode {stat.S_IMODE(st.st_mode):04o}: make it 0600")
+    tokens: list[tuple[str, bytes]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        if not sep:
+            name, token = f"token-{n}", name
+        name, token = name.strip(), token.strip()
+        if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
+            raise ServeError(f"tokens file {path} line {n}: a token is at least {MIN_TOKEN_CHARS} printable "
+                             f"characters without spaces")
+        tokens.append((name, hashlib.sha256(token.encode()).digest()))
+    if not tokens:
+        raise ServeError(f"tokens file {path} holds no token")
+    return tokens
+
+
+class AuditLog:
+    """Append-only JSON lines, 0600, one os.write per line (O_APPEND keeps lines whole)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            os.fchmod(self._fd, 0o600)
+        except OSError as e:
+            raise ServeError(f"cannot open the audit log {path}: {e.strerror}") from None
+
+    def write(self, entry: Mapping[str, Any]) -> None:
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
+        os.write(self._fd, line.encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+
+class PlaybackServer:
+    def __init__(self, source: PackageSource, unwrapper: codec.Unwrapper, *, audit: AuditLog,
+                 tokens: list[tuple[str, bytes]] | None = None, mtls: bool = False,
+                 open_seconds: float = OPEN_SECONDS, open_max: int = OPEN_MAX) -> None:
+        if not tokens and not mtls:
+            raise ServeError("refusing to serve without authentication: give a tokens file and/or a client CA (mTLS)")
+        self.source, self.unwrapper, self.audit = source, unwrapper, audit
+        self.tokens, self.mtls = tokens or [], mtls
+        # Opened packages (header, derived keys; no plaintext), so a player's run of Range requests
+        # costs one ranged GET each instead of header + unwrap + final chunk every time.
+        self._opened: OrderedDict[str, tuple[float, RemotePackage]] = OrderedDict()
+        self.open_seconds, self.open_max = open_seconds, open_max
+
+    async def package(self, key: str) -> RemotePackage:
+        now = time.monotonic()
+        hit = self._opened.get(key)
+        if hit is not None and now - hit[0] < self.open_seconds:
+            return hit[1]
+        pkg = await RemotePackage.open(self.source, key, self.unwrapper, check_final=False)
+        if self.open_seconds > 0 and self.open_max > 0:
+            self._opened.pop(key, None)
+            self._opened[key] = (now, pkg)
+            while len(self._opened) > self.open_max:
+                self._opened.popitem(last=False)
+        return pkg
+
+    def forget(self, key: str) -> None:
+        self._opened.pop(key, None)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=0)
+        app.router.add_get("/recordings/{key:.+}", self.recording)  # HEAD too (allow_head)
+        app.router.add_route("*", "/{tail:.*}", self.recording)  # everything else: authenticated, audited, 404
+        return app
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        return runner
+
+    def authenticate(self, request: web.Request) -> str | None:
+        """Who is asking, or None. Every configured method must pass."""
+        who: list[str] = []
+        if self.mtls:
+            from keys.lkm.auth import cert_names
+
+            peer = request.transport.get_extra_info("peercert") if request.transport else None
+            names = cert_names(peer)
+            if not names:
+                return None
+            who.append("cert:" + ",".join(sorted(names)))
+        if self.tokens:
+            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not credential.strip():
+                return None
+            digest = hashlib.sha256(credential.strip().encode()).digest()
+            match = None
+            for name, want in self.tokens:  # every entry compared, in constant time each
+                if hmac.compare_digest(want, digest):
+                    match = name
+            if match is None:
+                return None
+            who.append(f"token:{match}")
+        return " ".join(who)
+
+    async def recording(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        entry: dict[str, Any] = {
+            "ts": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "remote": request.remote,
+            "method": request.method, "key": request.match_info.get("key", "")[:1024],
+            "range": (request.headers.get("Range") or None), "served": None, "who": None, "error": None,
+        }
+        if entry["range"] is not None:
+            entry["range"] = entry["range"][:200]
+        resp: web.StreamResponse | None = None
+        sent = 0
+        try:
+            who = self.authenticate(request)
+            if who is None:
+                resp = _json(401, "unauthenticated", "a valid bearer token or client certificate is required")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="mediaseal"'
+                return resp
+            entry["who"] = who
+            if "key" not in request.match_info or request.method not in ("GET", "HEAD"):
+                resp = _json(404, "not-found", "only GET/HEAD /recordings/<key> is served here")
+                return resp
+            resp, sent = await self._serve(request, entry)
+            return resp
+        finally:
+            entry["status"] = resp.status if resp is not None else 500
+            entry["bytes"] = sent
+            entry["ms"] = round((time.monotonic() - t0) * 1000, 1)
+            self.audit.write(entry)
+
+    async def _serve(self, request: web.Request, entry: dict[str, Any]) -> tuple[web.StreamResponse, int]:
+        key = request.match_info["key"]
+        try:
+            key = check_key(key)
+        except SourceError:
+            return _json(404, "not-found", "no such recording"), 0
+        if not key.endswith(".mseal"):
+            return _json(404, "not-found", "no such recording"), 0
+        for attempt in (1, 2):
+            was_open = key in self._opened
+            try:
+                pkg = await self.package(key)
+            except (codec.CodecError, SourceError, KeysError) as e:
+                return self._failure(e, entry), 0
+            plan = self._plan(request, pkg)
+            if isinstance(plan, web.Response) or request.method == "HEAD" or plan[3] == 0:
+                try:  # no range to fetch: prove the size by the final chunk before answering
+                    await pkg.check_final()
+                except (codec.CodecError, SourceError) as e:
+                    self.forget(key)
+                    return self._failure(e, entry), 0
+            if isinstance(plan, web.Response):
+                return plan, 0
+            status, headers, first, length = plan
+            pieces = pkg.iter_range(first, length)
+            try:
+                # The first piece is fetched and authenticated before the status line goes out, so a
+                # package that fails there (or was replaced since it was opened) is a clean JSON error.
+                piece = await anext(pieces, b"") if request.method != "HEAD" else b""
+            except (codec.CodecError, SourceError) as e:
+                await pieces.aclose()
+                self.forget(key)
+                if was_open and attempt == 1:
+                    continue  # perhaps re-wrapped or replaced since it was opened: open it afresh once
+                return self._failure(e, entry), 0
+            break
+        entry["served"] = f"{first}-{first + length - 1}/{pkg.plaintext_size}" if length else f"-/{pkg.plaintext_size}"
+        resp = web.StreamResponse(status=status, headers=headers)
+        sent = 0
+        try:
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                return resp, 0
+            while piece:
+                await resp.write(piece)
+                sent += len(piece)
+                piece = await anext(pieces, b"")
+        except (codec.CodecError, SourceError) as e:
+            # The piece that failed never left; close so the client sees a short body, not a whole one.
+            self.forget(key)
+            entry["error"] = f"{type(e).__name__}: {e} (connection closed after {sent} bytes)"
+            if request.transport is not None:
+                request.transport.close()
+            return resp, sent
+        except ConnectionError:  # the client went away (a player seeking elsewhere): normal
+            entry["error"] = f"client disconnected after {sent} bytes"
+            return resp, sent
+        finally:
+            await pieces.aclose()
+        await resp.write_eof()
+        return resp, sent
+
+    def _plan(self, request: web.Request, pkg: RemotePackage) -> web.Response | tuple[int, dict[str, str], int, int]:
+        """(status, headers, first byte, length) for this request, or the 416 answer."""
+        size = pkg.plaintext_size
+        etag = '"' + hashlib.sha256(pkg.header.salt + pkg.header.mac).hexdigest()[:32] + '"'
+        rng = parse_range(request.headers.get("Range"), size)
+        if_range = request.headers.get("If-Range")
+        if if_range is not None and if_range.strip() != etag:
+            rng = None
+        headers = {
+            "Accept-Ranges": "bytes", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            "ETag": etag,
+        }
+        if rng == UNSATISFIABLE:
+            refused = _json(416, "range-not-satisfiable", f"the recording is {size} bytes")
+            refused.headers.update(headers)
+            refused.headers["Content-Range"] = f"bytes */{size}"
+            return refused
+        ctype = pkg.metadata.content_type
+        headers["Content-Type"] = ctype if _MEDIA_TYPE.fullmatch(ctype) else "application/octet-stream"
+        if isinstance(rng, tuple):
+            first, last = rng
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            status = 206
+        else:
+            first, last, status = 0, size - 1, 200
+        headers["Content-Length"] = str(last - first + 1)
+        return status, headers, first, last - first + 1
+
+    def _failure(self, e: Exception, entry: dict[str, Any]) -> web.Response:
+        """The JSON answer for a failure found before the response started."""
+        if isinstance(e, SourceNotFoundError):
+            return _json(404, "not-found", "no such recording")
+        entry["error"] = f"{type(e).__name__}: {e}"
+        if isinstance(e, codec.NoMatchingKeyError):
+            return _json(502, "no-key", "this server holds no key for the recording")
+        if isinstance(e, codec.CodecError):
+            return _json(502, "package-invalid", "the recording's package failed authentication")
+        if isinstance(e, SourceError):
+            return _json(502, "repository", "the repository could not be read")
+        if isinstance(e, KeysError):
+            return _json(503, "key-service", "the key provider could not unwrap the recording's key")
+        raise e
+
+
+def _json(status: int, error: str, message: str) -> web.Response:
+    return web.Response(status=status, text=json.dumps({"error": error, "message": message}),
+                        content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+# -- running it --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    repository: str  # file:///dir or s3://bucket/prefix
+    audit_log: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None  # mTLS: client certificates required and verified against this
+    s3: dict[str, Any] = field(default_factory=dict)  # S3Options fields, e.g. endpoint_url
+
+
+def check_options(o: ServeOptions) -> None:
+    if o.tokens_file is None and o.client_ca is None:
+        raise ServeError("refusing to start without authentication: give --tokens FILE and/or --client-ca FILE")
+    if (o.tls_cert is None) != (o.tls_key is None):
+        raise ServeError("--tls-cert and --tls-key go together")
+    if o.client_ca is not None and o.tls_cert is None:
+        raise ServeError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+    if o.tls_cert is None and not _loopback(o.host):
+        raise ServeError(f"refusing to listen on {o.host} without TLS: tokens and media would cross the network "
+                         f"in clear (give --tls-cert/--tls-key, or bind to 127.0.0.1)")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    import asyncio
+
+    check_options(o)
+    tokens = load_tokens(o.tokens_file) if o.tokens_file is not None else None
+    ctx = None
+    if o.tls_cert is not None and o.tls_key is not None:
+        from keys.lkm.service import server_ssl_context
+
+        ctx = server_ssl_context(o.tls_cert, o.tls_key, o.client_ca, True)
+    try:
+        source = open_source(o.repository, **o.s3)
+    except SourceError as e:
+        raise ServeError(str(e)) from None
+    audit = AuditLog(o.audit_log)
+    server = PlaybackServer(source, unwrapper, audit=audit, tokens=tokens, mtls=o.client_ca is not None)
+    try:
+        runner = await server.start(o.host, o.port, ctx)
+    except OSError as e:
+        await source.close()
+        audit.close()
+        raise ServeError(f"cannot listen on {o.host}:{o.port}: {e.strerror}") from None
+    scheme = "https" if ctx else "http"
+    print(f"mediaseal: serving {o.repository} on {scheme}://{o.host}:{o.port}/recordings/ "
+          f"(audit log {o.audit_log})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await source.close()
+        audit.close()
