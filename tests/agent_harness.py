@@ -89,6 +89,18 @@ class Setup:
         })
 
 
+_RUNNING: list[Agent] = []
+
+
+def reap() -> None:
+    """Kill every agent a test started and did not stop (a failed assertion skips its stop())."""
+    while _RUNNING:
+        agent = _RUNNING.pop()
+        if agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait(timeout=30)
+
+
 class Agent:
     """`mediaseal run --config ... --log-format json` as a child process."""
 
@@ -106,6 +118,7 @@ class Agent:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        _RUNNING.append(self)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

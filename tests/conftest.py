@@ -103,3 +103,12 @@ def fault_proxy(moto_server):
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reap_agents():
+    """No agent subprocess outlives its test, even one that failed before stopping it."""
+    yield
+    import agent_harness
+
+    agent_harness.reap()
