@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import codec
+from agent import argtypes
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -524,40 +525,6 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
 # -- the command -----------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """`64MiB`, `4m`, `1GiB`, `65536`: binary units (K, M, G; optional `iB`/`B`)."""
-    units = {"k": KiB, "m": MiB, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if t[-1:] in units else t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 64MiB)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("size must be at least 1 byte")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
 def _fmt_size(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
         if n >= size and n % size == 0:
@@ -573,11 +540,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     " (interleaved rounds, medians). Writes only in a temporary directory under --dir.")
     sp.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), metavar="DIR",
                     help="the filesystem to measure (e.g. the spool's); default: the system temp dir")
-    sp.add_argument("--size", type=parse_size, default=64 * MiB, metavar="SIZE",
+    sp.add_argument("--size", type=argtypes.size, default=64 * MiB, metavar="SIZE",
                     help="size of the large recording (default 64MiB; keep to 64-256MiB on throttled VMs)")
-    sp.add_argument("--rounds", type=_positive, default=5, metavar="N", help="measured rounds (default 5)")
-    sp.add_argument("--warmup", type=_count, default=1, metavar="N", help="warm-up rounds, dropped (default 1)")
-    sp.add_argument("--small-count", type=_count, default=200, metavar="N",
+    sp.add_argument("--rounds", type=argtypes.positive, default=5, metavar="N", help="measured rounds (default 5)")
+    sp.add_argument("--warmup", type=argtypes.count, default=1, metavar="N", help="warm-up rounds, dropped (default 1)")
+    sp.add_argument("--small-count", type=argtypes.count, default=200, metavar="N",
                     help="64 KiB recordings per small-file round (default 200; 0 skips the small-file rate)")
     sp.add_argument("--repository", metavar="URL",
                     help="deliver to this repository (file:///dir or s3://bucket/prefix) instead of a"

@@ -24,6 +24,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import serialization
 
 import codec
+from agent import argtypes
 from keys import keyring as kr
 from keys import keyset as ks
 from keys.errors import KeysError
@@ -395,31 +396,8 @@ def _size(f: BinaryIO) -> int | None:
         return None
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
-def _chunk_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    try:
-        value = int(t[:-1] if t[-1:] in units else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
-    if value & (value - 1) or not 256 <= value <= 16 << 20:
-        raise argparse.ArgumentTypeError("chunk size must be a power of two from 256 B to 16 MiB")
-    return value
-
-
 def _kms_opts(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--kms-cache-seconds", type=_seconds, metavar="S",
+    sp.add_argument("--kms-cache-seconds", type=argtypes.seconds, metavar="S",
                     help=f"KMS keyrings: keep a decrypted private key in memory at most S seconds"
                          f" (default {DEFAULT_CACHE_SECONDS:g})")
 
@@ -429,23 +407,6 @@ def _date(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -483,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     keyring_opts(sp)
     sp.add_argument("--set", choices=tuple(kr.SCHEDULE_PERIODS), metavar="EVERY",
                     help="daily | weekly | monthly | yearly | disabled")
-    sp.add_argument("--grace", type=_count, metavar="SECONDS",
+    sp.add_argument("--grace", type=argtypes.count, metavar="SECONDS",
                     help="how long a scheduled key stays pending before it becomes current (default: 1 day)")
     sp = add("retire", cmd_keys_retire, "retire a key (final), unless packages in the repository still need it",
              ksub)
@@ -518,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kind", default="call", choices=codec.KINDS)
     sp.add_argument("--content-type", default="application/octet-stream")
     sp.add_argument("--agent-id", default="")
-    sp.add_argument("--chunk-size", type=_chunk_size, default=codec.DEFAULT_CHUNK_SIZE)
+    sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=codec.DEFAULT_CHUNK_SIZE)
 
     sp = add("decrypt", cmd_decrypt, "decrypt a package; OUT appears only if every chunk authenticated")
     sp.add_argument("input", metavar="IN",
@@ -526,9 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                          " (S3 endpoint and credentials from the AWS environment, e.g. AWS_ENDPOINT_URL_S3)")
     sp.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, or - for stdout")
     keyring_opts(sp, required=False)
-    sp.add_argument("--offset", type=_count, metavar="N", help="first plaintext byte to decrypt")
+    sp.add_argument("--offset", type=argtypes.count, metavar="N", help="first plaintext byte to decrypt")
     _kms_opts(sp)
-    sp.add_argument("--length", type=_count, metavar="M", help="number of plaintext bytes to decrypt")
+    sp.add_argument("--length", type=argtypes.count, metavar="M", help="number of plaintext bytes to decrypt")
     lkm_options.add_client_arguments(sp)
 
     sp = add("verify", cmd_verify, "authenticate a whole package, writing nothing")
@@ -564,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pgp-recipient", metavar="CERT", help="encrypt each recording to this OpenPGP certificate")
     sp.add_argument("--sse", choices=("AES256", "aws:kms"), help="server-side encryption of the exported objects")
     sp.add_argument("--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms")
-    sp.add_argument("--concurrency", type=_positive, default=4, metavar="N", help="recordings in flight (default 4)")
+    sp.add_argument("--concurrency", type=argtypes.positive, default=4, metavar="N",
+                    help="recordings in flight (default 4)")
     sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for both buckets (default: the AWS chain)")
     keyring_opts(sp, required=False)
     _kms_opts(sp)
