@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,15 @@ def package_estimate(size: int, chunk_size: int) -> int:
     return size + (size // chunk_size + 1) * codec.TAG_SIZE + 64 * 1024
 
 
+@dataclass
+class DeliveryHealth:
+    """What the last delivery attempts said, for /readyz, sd_notify STATUS= and metrics."""
+
+    last_error: str | None = None  # set while the most recent attempt failed
+    ok_at: float | None = None  # wall time of the last confirmed delivery
+    quarantined: set[str] = field(default_factory=set)  # recording ids failing permanently
+
+
 class Pipeline:
     def __init__(self, config: Config, spool: Spool, repository: Repository, keys: PublicKeys,
                  *, chunk_size: int = codec.DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 60.0) -> None:
@@ -85,6 +95,7 @@ class Pipeline:
         self._breaker = CircuitBreaker()
         self._repo_ok_at = 0.0
         self.fatal: BaseException | None = None
+        self.health = DeliveryHealth()
         self.watcher = Watcher(config.watch, rescan_seconds=config.agent.rescan_seconds, is_busy=self.is_busy)
 
     # -- public ----------------------------------------------------------------------------------
@@ -362,6 +373,8 @@ class Pipeline:
                 metrics.RETRIES.inc()
                 m.attempts += 1
                 m.last_error = str(e)
+                self.health.last_error = str(e)
+                (self.health.quarantined.discard if e.transient else self.health.quarantined.add)(m.recording_id)
                 await self._thread(self.spool.update, m)  # so `mediaseal status` shows it with the agent down
                 metrics.FAILED.labels("upload", "transient" if e.transient else "quarantined").inc()
                 # Transient: the breaker spaces the retries (one probe per interval for the whole
@@ -375,6 +388,8 @@ class Pipeline:
                 continue
             m.state = VERIFIED
             await self._thread(self.spool.update, m)
+            self.health.last_error, self.health.ok_at = None, time.time()
+            self.health.quarantined.discard(m.recording_id)
         crash_point("after-delivery")
         await self._thread(self.spool.release, m)
         metrics.DELIVERED.labels(m.kind).inc()
@@ -446,4 +461,4 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["SPOOLED", "Pipeline", "package_estimate", "recording_id"]
+__all__ = ["SPOOLED", "DeliveryHealth", "Pipeline", "package_estimate", "recording_id"]

@@ -39,6 +39,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from agent import metrics
+from agent.pipeline import DeliveryHealth
 from agent.status import ManifestCache, SpoolReport, read_spool
 from uploader import FilesystemRepository
 
@@ -122,39 +123,22 @@ def _one_line(text: str, limit: int = 240) -> str:
 
 
 class EventTracker(logging.Handler):
-    """Follows the agent's log events: the last error, whether the repository answered last time, and
-    which packages are quarantined. Reading the events (documented, stable names) keeps the pipeline
-    free of any bookkeeping for the service."""
-
-    REPO_FAILED = ("delivery-retry", "delivery-quarantined")
+    """Keeps the agent's last warning or error (any stable log event at WARNING or above) for STATUS=
+    and /status. Delivery health itself comes from the pipeline (`Pipeline.health`)."""
 
     def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
+        super().__init__(level=logging.WARNING)
         self._state = threading.Lock()
         self.last_error: dict[str, Any] | None = None
-        self.repo_error: str | None = None  # set while the most recent delivery attempt failed
-        self.repo_ok_at: float | None = None  # wall time of the last confirmed delivery
-        self.quarantined: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         fields: dict[str, Any] = getattr(record, "fields", {}) or {}
-        event = record.getMessage()
+        detail = fields.get("error") or fields.get("reason") or fields.get("path") or ""
         with self._state:
-            if record.levelno >= logging.WARNING:
-                detail = fields.get("error") or fields.get("reason") or fields.get("path") or ""
-                self.last_error = {
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
-                    "time": record.created, "event": event, "message": _one_line(str(detail), 200),
-                }
-            rid = fields.get("recording_id")
-            if event in self.REPO_FAILED:
-                self.repo_error = _one_line(str(fields.get("error", event)), 200)
-                if rid is not None:
-                    (self.quarantined.add if event == "delivery-quarantined" else self.quarantined.discard)(rid)
-            elif event == "delivered":
-                self.repo_error = None
-                self.repo_ok_at = record.created
-                self.quarantined.discard(rid)
+            self.last_error = {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+                "time": record.created, "event": record.getMessage(), "message": _one_line(str(detail), 200),
+            }
 
 
 # -- the service -----------------------------------------------------------------------------------
@@ -221,6 +205,10 @@ class AgentService:
 
         self._tasks.append(asyncio.create_task(on_stop(), name="sd-stopping"))
 
+    @property
+    def _health(self) -> DeliveryHealth:
+        return self.pipeline.health if self.pipeline is not None else DeliveryHealth()
+
     def attach(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
@@ -273,8 +261,8 @@ class AgentService:
         parts = [f"{spool.package_count} awaiting delivery"]
         if self._report is not None and self._report.oldest is not None:
             parts[0] += f" (oldest {int(self._report.oldest_age())}s)"
-        if self.tracker.quarantined:
-            parts.append(f"{len(self.tracker.quarantined)} quarantined")
+        if self._health.quarantined:
+            parts.append(f"{len(self._health.quarantined)} quarantined")
         if _intake_paused():
             parts.append("intake paused")
         last = self.tracker.last_error
@@ -310,7 +298,7 @@ class AgentService:
                 metrics.OLDEST_UNDELIVERED.set(report.oldest_age())
                 for state, n in report.counts.items():
                     metrics.SPOOL_STATES.labels(state).set(n)
-        metrics.QUARANTINED.set(len(self.tracker.quarantined))
+        metrics.QUARANTINED.set(len(self._health.quarantined))
         if self.pipeline is not None:
             self.pipeline.keys.current()  # refreshes mediaseal_keyset_age_seconds
         ready, _ = await self.readiness()
@@ -340,10 +328,11 @@ class AgentService:
         repo = self.pipeline.repository
         if isinstance(repo, FilesystemRepository) and not repo.root.is_dir():
             return Check(False, f"{repo.root} is not there (not mounted?)")
-        if self.tracker.repo_error is not None:
-            return Check(False, f"last delivery attempt failed: {self.tracker.repo_error}")
-        if self.tracker.repo_ok_at is not None:
-            return Check(True, f"last delivery confirmed {int(time.time() - self.tracker.repo_ok_at)}s ago")
+        health = self._health
+        if health.last_error is not None:
+            return Check(False, f"last delivery attempt failed: {_one_line(health.last_error, 200)}")
+        if health.ok_at is not None:
+            return Check(True, f"last delivery confirmed {int(time.time() - health.ok_at)}s ago")
         return Check(True, "no delivery attempted yet")
 
     # -- HTTP --------------------------------------------------------------------------------------
@@ -386,7 +375,7 @@ class AgentService:
         return web.json_response({
             "pid": os.getpid(), "phase": self.phase, "ready": ready, "reason": body.get("reason", ""),
             "awaiting_delivery": self.pipeline.spool.package_count if self.pipeline else None,
-            "quarantined": len(self.tracker.quarantined), "intake_paused": bool(_intake_paused()),
+            "quarantined": len(self._health.quarantined), "intake_paused": bool(_intake_paused()),
             "last_error": self.tracker.last_error, "status": self.status_line(),
         })
 
