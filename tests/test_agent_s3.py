@@ -189,3 +189,27 @@ def test_no_such_bucket_is_quarantined_then_delivered_once_created(tmp_path: Pat
     ((h, _),) = bucket_contents(moto_server.url, bucket, setup.keyring).values()
     assert h == sha
 
+
+
+def test_sigterm_mid_upload_stops_in_bounded_time_and_resumes(tmp_path: Path, keyring_template: Path,
+                                                              moto_server: Any, s3_bucket: str,
+                                                              fault_proxy: Any) -> None:
+    setup = s3_setup(tmp_path, keyring_template, fault_proxy.url, s3_bucket, concurrency=1)
+    fault_proxy.delay(3.0, when=lambda r: r.op == "UploadPart")  # every part takes seconds to go up
+    agent = Agent(setup, env={"MEDIASEAL_AGENT__STOP_TIMEOUT_SECONDS": "1"})
+    agent.wait_for("ready")
+    sha = drop(setup.capture(), "long.wav", random.randbytes(12 * MiB))  # 3 parts
+    agent.wait_for("spooled")
+    while fault_proxy.count("UploadPart") == 0:  # woken by the agent's own progress, bounded below
+        agent.wait_for("rescan-done", timeout=30)
+    t0 = time.monotonic()
+    assert agent.stop(timeout=30) == 0
+    assert time.monotonic() - t0 < 5  # stop_timeout 1 s, plus start-up of nothing new
+    assert len(spool_files(setup.spool)) == 2  # package and manifest kept for the next run
+    fault_proxy.clear()
+    again = Agent(setup)
+    again.wait_for("delivered", timeout=60)
+    assert again.stop() == 0
+    ((h, _),) = bucket_contents(moto_server.url, s3_bucket, setup.keyring).values()
+    assert h == sha
+    assert no_multipart_left(moto_server.url, s3_bucket)
