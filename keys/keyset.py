@@ -174,7 +174,10 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def _strict_loads(raw: bytes, what: str) -> Any:
+def strict_json(raw: bytes) -> Any:
+    """JSON as RFC 8259 has it, for documents that something is decided on: UTF-8, no duplicate members
+    (parsers disagree on which one wins), no NaN/Infinity. Raises ValueError (or RecursionError)."""
+
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out = dict(pairs)
         if len(out) != len(pairs):
@@ -184,8 +187,12 @@ def _strict_loads(raw: bytes, what: str) -> Any:
     def no_constants(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
+
+
+def _strict_loads(raw: bytes, what: str) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        return strict_json(raw)
     except (ValueError, RecursionError) as e:
         raise KeySetFormatError(f"{what} is not valid JSON: {e}") from None
 

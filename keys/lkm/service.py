@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives import serialization
 import codec
 from keys.jwk import KID_PATTERN
 from keys.keyring import KeyRecord, passphrase_from
-from keys.keyset import DEFAULT_TTL_SECONDS, STATES, parse_time
+from keys.keyset import DEFAULT_TTL_SECONDS, STATES, parse_time, strict_json
 from keys.lkm.audit import AuditLog
 from keys.lkm.auth import (
     ADMIN,
@@ -828,17 +828,8 @@ def _doc(request: web.Request, required: set[str] | frozenset[str] = frozenset()
     if not body.strip() and not required:
         return {}
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            raise ValueError("duplicate member")
-        return out
-
-    def no_constants(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
     try:
-        doc = json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        doc = strict_json(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise BadRequestError(f"the body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
