@@ -11,7 +11,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 from pathlib import Path
 
 from uploader.base import PermanentRepositoryError, Receipt, TransientRepositoryError, Upload
@@ -45,7 +44,10 @@ class FilesystemRepository:
 
     def _put(self, upload: Upload) -> Receipt:
         target = self.object_path(upload.key)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        # One temp name per key, not a random one: if the agent dies between writing and renaming, the
+        # replay of the same recording (it is never verified, so it is always delivered again)
+        # reuses and so removes it, instead of leaving a stray file in the repository forever.
+        tmp = target.with_name(f".{target.name}.tmp")
         try:
             if not self.root.is_dir():
                 # Transient: an unmounted network filesystem comes back; it is never created here,
@@ -56,9 +58,9 @@ class FilesystemRepository:
                 return receipt
             sha, size = hashlib.sha256(), 0
             buf = memoryview(bytearray(_BLOCK))
-            with open(upload.path, "rb", buffering=0) as src, open(
-                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb", buffering=0
-            ) as dst:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(upload.path, "rb", buffering=0) as src, \
+                    open(os.open(tmp, flags, 0o600), "wb", buffering=0) as dst:
                 while n := src.readinto(buf):
                     sha.update(buf[:n])
                     dst.write(buf[:n])
@@ -86,6 +88,8 @@ class FilesystemRepository:
         was made, so its size and SHA-256 are confirmed by identity (same device and inode, same size)
         rather than by reading it again. Across filesystems this returns None and the bytes are copied.
         """
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by an attempt that died before its rename
         try:
             os.link(upload.path, tmp)
         except OSError as e:
