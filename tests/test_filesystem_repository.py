@@ -56,3 +56,18 @@ def test_missing_root_is_transient_and_escaping_key_is_permanent(tmp_path: Path)
     up.key = "../../etc/passwd"
     with pytest.raises(PermanentRepositoryError, match="escapes"):
         asyncio.run(FilesystemRepository(tmp_path / "repo").put(up))
+
+
+def test_replay_after_a_crash_leaves_no_temp_file(tmp_path: Path) -> None:
+    """Found by the reliability matrix: a crash after the rename but before the manifest said
+    'verified' replays the put; renaming a second link of the same inode onto the first is a no-op
+    in POSIX, which used to leave the temp name in the repository."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    up = package(tmp_path, os.urandom(10_000))
+    first = asyncio.run(FilesystemRepository(root).put(up))
+    stale = (root / up.key).with_name(".rec-1.mseal.tmp")
+    os.link(up.path, stale)  # and an attempt that died between its link and its rename
+    again = asyncio.run(FilesystemRepository(root).put(up))
+    assert again == first
+    assert sorted(p.name for p in (root / up.key).parent.iterdir()) == ["rec-1.mseal"]

@@ -90,13 +90,22 @@ class FilesystemRepository:
         """
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # left by an attempt that died before its rename
+        src = os.stat(upload.path)
+        with contextlib.suppress(FileNotFoundError):
+            there = os.stat(target)
+            if (there.st_dev, there.st_ino) == (src.st_dev, src.st_ino):
+                # A replay after a crash between the rename and the manifest update: the repository
+                # holds this very inode already. (Renaming another link of the same inode onto it
+                # would do nothing at all, and leave the temp name behind.)
+                _fsync_dir(target.parent)
+                return Receipt(there.st_size, upload.sha256) if there.st_size == upload.size else None
         try:
             os.link(upload.path, tmp)
         except OSError as e:
             if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 return None
             raise
-        src, held = os.stat(upload.path), os.stat(tmp)
+        held = os.stat(tmp)
         if (src.st_dev, src.st_ino) != (held.st_dev, held.st_ino) or held.st_size != upload.size:
             tmp.unlink()
             raise TransientRepositoryError(f"linked package {tmp} is not the spool's ({held.st_size} B)")
