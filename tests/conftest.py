@@ -112,3 +112,16 @@ def _reap_agents():
     import agent_harness
 
     agent_harness.reap()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reliability_report():
+    """docs/RELIABILITY.md is rewritten from the figures every reliability module collected this session,
+    only when MEDIASEAL_RELIABILITY_REPORT=1 (`make soak`, or by hand; see that file's *Regenerating*)."""
+    import time
+
+    t0 = time.monotonic()
+    yield
+    import reliability_support
+
+    reliability_support.write_report(time.monotonic() - t0)

@@ -187,6 +187,29 @@ FIGURES: dict[tuple[str, str], Row] = {}
 ORDER: list[tuple[str, str]] = []
 
 
+@dataclass
+class Hostile:
+    """One hostile-input target (a fuzzed parser, a server fed malformed requests): how many inputs it
+    got, and the distinct failures seen (an unnamed exception, a crash, a hang, a large allocation: each
+    a short signature; must be none)."""
+
+    target: str
+    method: str
+    executions: int = 0
+    failures: set[str] = field(default_factory=set)
+    slowest: float = 0.0  # seconds, the slowest single input
+
+
+HOSTILE: dict[str, Hostile] = {}
+
+
+def hostile(target: str, method: str) -> Hostile:
+    """The figures row for `target` (created on first use); add to `.executions`, `.failures`, `.slowest`."""
+    if target not in HOSTILE:
+        HOSTILE[target] = Hostile(target, method)
+    return HOSTILE[target]
+
+
 def row(repository: str, fault: str) -> Row:
     key = (repository, fault)
     if key not in FIGURES:
@@ -298,9 +321,26 @@ def render(elapsed: float) -> str:
             continue
         lines.append(f"| {r.repository} | {r.fault} | {r.iterations} | {r.recordings} | {r.lost} | {r.duplicated}"
                      f" | {r.plaintext} | {r.orphans} | {_secs(r.recover)} | {_secs(r.drain)} |")
+    if HOSTILE:
+        lines += [
+            "",
+            "## Hostile input",
+            "",
+            "Fuzzed parsers and servers fed malformed, oversized and slow requests. A failure is anything but",
+            "a named error or a bounded refusal: an unnamed exception, a crash, a hang, a large allocation;",
+            "*distinct failures* counts different signatures (must be 0).",
+            "",
+            "| target | method | executions | distinct failures | slowest input s |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [f"| {h.target} | {h.method} | {h.executions} | {len(h.failures)} | {h.slowest:.3f} |"
+                  for h in HOSTILE.values()]
     bad = [r for r in FIGURES.values() if r.lost or r.duplicated or r.plaintext or r.orphans]
+    bad_hostile = [h for h in HOSTILE.values() if h.failures]
     lines += ["", "## Findings", ""]
-    if not bad:
+    if bad_hostile:
+        lines += [f"- {h.target}: {len(h.failures)} distinct failures: {sorted(h.failures)[:5]}" for h in bad_hostile]
+    if not bad and not bad_hostile:
         lines.append("Every must-be-zero figure is 0 in every row.")
     else:
         lines.append("Rows with a non-zero must-be-zero figure (the tests fail, or xfail for a known bug):")
@@ -338,7 +378,8 @@ def render(elapsed: float) -> str:
 
 
 def write_report(elapsed: float) -> None:
-    if REPORT and FIGURES:
+    """Called once at the end of the session (tests/conftest.py) when MEDIASEAL_RELIABILITY_REPORT=1."""
+    if REPORT and (FIGURES or HOSTILE):
         DOC.write_text(render(elapsed))
 
 

@@ -32,7 +32,6 @@ from reliability_support import (
     scan_setup,
     sized,
     skipped,
-    write_report,
 )
 
 MiB = 1 << 20
@@ -49,13 +48,6 @@ def reliability_keyring() -> Iterator[Path]:
 
     with tempfile.TemporaryDirectory(prefix="mediaseal-rel-kr-") as d:
         yield make_keyring(Path(d) / "keyring")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
-    t0 = time.monotonic()
-    yield
-    write_report(time.monotonic() - t0)
 
 
 def s3_setup(root: Path, keyring: Path, endpoint: str, bucket: str, **repo: Any) -> Setup:
