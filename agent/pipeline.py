@@ -5,8 +5,10 @@
 
 Per recording (DESIGN section 6): a complete file is sealed in a worker thread straight into a
 staging file (ciphertext from its first byte), its identity re-checked, committed (fsync, rename,
-manifest), only then is the source disposed, and only after the repository confirmed size and
-SHA-256 is the spool copy removed. The event loop only coordinates; the bytes move in threads.
+manifest), only then is the source disposed, and only after the repository confirmed it is the spool
+copy removed: size and SHA-256 (hashed from the spool file before the first attempt), or, for a hard
+link on the spool's own filesystem, size and identity (the very inode that was sealed and fsynced).
+The event loop only coordinates; the bytes move in threads.
 """
 
 from __future__ import annotations
@@ -281,7 +283,9 @@ class Pipeline:
             )
             header, keys = codec.new_package(metadata, [recipient], self.chunk_size)
             with self.spool.staging(rid) as (staged, staged_path):
-                result = codec.seal(_Source(src, self._cancel), staged, header, keys, digest=True,
+                # No digest here: SHA-256 is slower than the encryption and the copy together, and a
+                # same-filesystem repository confirms by identity; _deliver hashes when it is needed.
+                result = codec.seal(_Source(src, self._cancel), staged, header, keys,
                                     size_hint=cand.identity.size)
             crash_point("after-staging-fsync")
             # The identity is checked again now that every byte has been read: a file rewritten or
@@ -293,12 +297,11 @@ class Pipeline:
             if after is None or not _same(after, cand.identity) or result.plaintext_size != cand.identity.size:
                 staged_path.unlink()
                 raise SourceChangedError
-        assert result.sha256 is not None
         metrics.BYTES_IN.inc(result.plaintext_size)
         manifest = Manifest(
             recording_id=rid, kind=w.kind,
             repo_key=repository_key(w.kind, metadata.captured_at, rid),
-            package_size=result.package_size, sha256=result.sha256, kid=recipient.kid,
+            package_size=result.package_size, sha256=None, kid=recipient.kid,
             source=str(cand.path), identity=_identity_dict(cand.identity), dispose=w.dispose,
             move_to=str(w.move_to) if w.move_to else None,
             marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
@@ -353,6 +356,11 @@ class Pipeline:
         while m.state != VERIFIED:
             if stop.is_set():
                 return  # the manifest keeps its state; delivery resumes on the next start
+            if m.sha256 is None and self.repository.needs_digest(path):
+                # Recorded before the first byte goes out, so every attempt and every replay after a
+                # crash is checked against the same digest.
+                m.sha256 = await self._thread(_file_sha256, path)
+                await self._thread(self.spool.update, m)
             upload = Upload(
                 key=m.repo_key, path=path, size=m.package_size, sha256=m.sha256,
                 metadata={"kid": m.kid, "recording-id": m.recording_id, "kind": m.kind,
@@ -367,8 +375,8 @@ class Pipeline:
                     # Never counted as delivered while wrong; not an outage either, so it is
                     # quarantined (re-probed slowly) with a loud line rather than retried hot.
                     raise PermanentRepositoryError(
-                        f"repository holds {receipt.size} B sha256 {receipt.sha256[:12]}..., "
-                        f"expected {m.package_size} B sha256 {m.sha256[:12]}...")
+                        f"repository holds {receipt.size} B sha256 {str(receipt.sha256)[:12]}..., "
+                        f"expected {m.package_size} B sha256 {str(m.sha256)[:12]}...")
             except RepositoryError as e:
                 metrics.RETRIES.inc()
                 m.attempts += 1
@@ -451,6 +459,12 @@ def _identity_dict(i: FileIdentity) -> dict[str, int]:
 
 def _content_type(w: WatchConfig, path: Path) -> str:
     return w.content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a spool file (hashlib reads it in the C library, without the GIL)."""
+    with open(path, "rb", buffering=0) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -53,7 +53,7 @@ class Manifest:
     kind: str
     repo_key: str
     package_size: int
-    sha256: str
+    sha256: str | None  # the package's SHA-256, computed before the first delivery that needs it
     kid: str
     source: str
     identity: dict[str, int]

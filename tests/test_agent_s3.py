@@ -52,8 +52,11 @@ def bucket_contents(endpoint: str, bucket: str, keyring: Path) -> dict[str, tupl
             c = meta.captured_at
             assert obj["Key"] == f"{PREFIX}/call/{c[:4]}/{c[5:7]}/{c[8:10]}/{meta.recording_id}.mseal"
             assert meta.original_name not in out, f"{meta.original_name} delivered twice"
-            out[meta.original_name] = (hashlib.sha256(plain.getvalue()).hexdigest(),
-                                       s3.head_object(Bucket=bucket, Key=obj["Key"]))
+            head = s3.head_object(Bucket=bucket, Key=obj["Key"])
+            # The digest the agent computed from the spool file before uploading, checked by S3 on
+            # the way in: it must be the SHA-256 of exactly the bytes stored.
+            assert head["Metadata"]["package-sha256"] == hashlib.sha256(body).hexdigest()
+            out[meta.original_name] = (hashlib.sha256(plain.getvalue()).hexdigest(), head)
     return out
 
 

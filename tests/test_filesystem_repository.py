@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,46 @@ def test_replay_after_a_crash_leaves_no_temp_file(tmp_path: Path) -> None:
     again = asyncio.run(FilesystemRepository(root).put(up))
     assert again == first
     assert sorted(p.name for p in (root / up.key).parent.iterdir()) == ["rec-1.mseal"]
+
+
+def test_same_filesystem_needs_no_digest_and_another_one_does(tmp_path: Path) -> None:
+    """The agent hashes a package only for a delivery that is confirmed by checksum (a copy)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    up = package(tmp_path, os.urandom(1 << 20))
+    repo = FilesystemRepository(root)
+    assert repo.needs_digest(up.path) is False
+    assert FilesystemRepository(root, link=False).needs_digest(up.path) is True
+    up.sha256 = None  # what the agent hands over when needs_digest said no
+    receipt = asyncio.run(repo.put(up))
+    assert (receipt.size, receipt.sha256) == (up.size, None)
+    assert (root / up.key).stat().st_ino == up.path.stat().st_ino
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to copy across")
+    other = FilesystemRepository(shm)
+    assert other.needs_digest(up.path) is True
+
+
+def test_a_link_that_fails_asks_for_the_digest_then_copies(tmp_path: Path) -> None:
+    """A put without a digest whose link fails (EXDEV here, as a put racing a remount would see) is
+    retried, not copied unchecked: the repository then asks for the digest and copies against it."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to link across")
+    root = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        data = os.urandom(1 << 20)
+        up = package(tmp_path, data)
+        digest, up.sha256 = up.sha256, None
+        repo = FilesystemRepository(root)
+        with pytest.raises(TransientRepositoryError, match="cannot hard-link"):
+            asyncio.run(repo.put(up))  # EXDEV: the link is impossible and there is no digest to copy by
+        assert repo.needs_digest(up.path) is True  # so the agent hashes before the retry
+        up.sha256 = digest
+        receipt = asyncio.run(repo.put(up))
+        assert (receipt.size, receipt.sha256) == (len(data), digest)
+        assert (root / up.key).read_bytes() == data
+        assert not [p for p in root.rglob("*") if p.name.startswith(".")]
+    finally:
+        shutil.rmtree(root)

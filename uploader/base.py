@@ -4,6 +4,12 @@
 >>> receipt = await repo.put(Upload(key, path, size, sha256, metadata))
 >>> receipt.size == size and receipt.sha256 == sha256     # the confirm contract
 
+`sha256` is the package's digest, computed from the spool file just before the first delivery that
+needs one (`repo.needs_digest(path)`), not while sealing: hashing every byte costs more than the
+encryption itself, and a repository that confirms by identity (a hard link on the spool's own
+filesystem: the very inode that was sealed and fsynced) has no use for it. Such a put gets
+`sha256=None` and its receipt carries None back.
+
 Keys are deterministic (`<kind>/<YYYY>/<MM>/<DD>/<recording-id>.mseal`), so a retry or a replay after
 a crash overwrites or finds the same object: exactly one object per recording.
 """
@@ -39,7 +45,7 @@ class Upload:
     key: str
     path: Path
     size: int
-    sha256: str
+    sha256: str | None  # None only where `needs_digest` said no (confirmed by identity)
     metadata: dict[str, str]
     state: dict[str, Any] = field(default_factory=dict)
     save: Callable[[dict[str, Any]], Awaitable[None]] | None = None
@@ -50,12 +56,16 @@ class Receipt:
     """What the repository confirmed it holds."""
 
     size: int
-    sha256: str
+    sha256: str | None  # what the Upload carried, once confirmed
 
 
 class Repository(Protocol):
     async def put(self, upload: Upload) -> Receipt:
         """Store the package at `upload.key` and return what the repository confirmed holding."""
+        ...
+
+    def needs_digest(self, path: Path) -> bool:
+        """Whether delivering the spool file `path` needs its SHA-256 (False: confirmed by identity)."""
         ...
 
     async def close(self) -> None: ...

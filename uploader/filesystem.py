@@ -1,7 +1,10 @@
 """The filesystem repository (the embedded default): a directory tree of `.mseal` packages.
 
-Same confirm contract as S3: the package is copied to a temp name, SHA-256 computed over exactly the
-bytes written, fsynced, renamed into place, directory fsynced; the receipt carries that size and hash.
+On the spool's own filesystem the package is hard-linked into place (no byte copied) and confirmed by
+identity: the repository holds the very inode that was sealed and fsynced, so no digest is needed
+(`needs_digest` is False). Elsewhere, the same confirm contract as S3: the package is copied to a temp
+name, SHA-256 computed over exactly the bytes written, fsynced, renamed into place, directory fsynced;
+the receipt carries that size and hash, which must equal the digest the agent computed beforehand.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ class FilesystemRepository:
     def __init__(self, root: Path, *, link: bool = True) -> None:
         self.root = root
         self.link = link
+        self._cannot_link = False  # a link failed (EXDEV, EPERM...): copies from now on
+
+    def needs_digest(self, path: Path) -> bool:
+        """False when `path` can be hard-linked here (same filesystem): identity confirms it."""
+        if not self.link or self._cannot_link:
+            return True
+        try:
+            return os.stat(path).st_dev != os.stat(self.root).st_dev
+        except OSError:
+            return True
 
     async def put(self, upload: Upload) -> Receipt:
         return await asyncio.to_thread(self._put, upload)
@@ -54,8 +67,14 @@ class FilesystemRepository:
                 # which would fill the local disk instead of the repository.
                 raise TransientRepositoryError(f"repository {self.root} is not there (not mounted?)")
             _makedirs(target.parent, self.root)
-            if self.link and (receipt := self._link(upload, tmp, target)) is not None:
-                return receipt
+            if self.link and not self._cannot_link:
+                if (receipt := self._link(upload, tmp, target)) is not None:
+                    return receipt
+                self._cannot_link = True
+            if upload.sha256 is None:
+                # needs_digest said the link would do; it did not, and a copy is only confirmed
+                # against the package's digest, which the retry computes first.
+                raise TransientRepositoryError(f"cannot hard-link into {self.root}: delivering by copy")
             sha, size = hashlib.sha256(), 0
             buf = memoryview(bytearray(_BLOCK))
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -84,9 +103,9 @@ class FilesystemRepository:
     def _link(upload: Upload, tmp: Path, target: Path) -> Receipt | None:
         """On the spool's own filesystem, deliver by hard link: no byte is copied.
 
-        The repository then holds the very inode that was sealed, fsynced and hashed when the package
-        was made, so its size and SHA-256 are confirmed by identity (same device and inode, same size)
-        rather than by reading it again. Across filesystems this returns None and the bytes are copied.
+        The repository then holds the very inode that was sealed and fsynced when the package was made,
+        so it is confirmed by identity (same device and inode, same size) rather than by reading and
+        hashing it. Across filesystems this returns None and the bytes are copied.
         """
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # left by an attempt that died before its rename

@@ -8,7 +8,8 @@
 What `put` does, and what a Receipt means here:
 
 - Below `put_threshold`: one PutObject carrying `x-amz-checksum-sha256` (the base64 of the package's
-  SHA-256, the value the manifest recorded when the package was sealed).
+  SHA-256, the value the agent computed from the spool file and recorded in the manifest before the
+  first attempt).
 - Above it: a multipart upload created with ChecksumAlgorithm=SHA256; each part carries its own
   SHA-256; the part size is raised (in whole MiB) so no package needs more than `max_parts` parts.
   Parts are read from the spool file with `preadv` into per-part buffers; at most `concurrency`
@@ -247,7 +248,13 @@ class S3Repository:
 
     # -- the Repository protocol ----------------------------------------------------------------
 
+    def needs_digest(self, path: Path) -> bool:
+        """Always: every request carries its SHA-256 and the object is confirmed by checksum."""
+        return True
+
     async def put(self, upload: Upload) -> Receipt:
+        if upload.sha256 is None:
+            raise ValueError("an S3 delivery needs the package's SHA-256 (needs_digest is True)")
         okey = self.object_key(upload.key)
         await self._io(upload.path, _check_size, upload.path, upload.size)
         client = await self._get_client()
@@ -681,7 +688,7 @@ def _check_size(path: Path, size: int) -> None:
 def _check_sealed_hash(upload: Upload, actual: str) -> None:
     if actual != upload.sha256:
         raise PermanentRepositoryError(f"spool file {upload.path} has SHA-256 {actual[:16]}..., the manifest "
-                                       f"says {upload.sha256[:16]}...: not delivered (wrong bytes)")
+                                       f"says {str(upload.sha256)[:16]}...: not delivered (wrong bytes)")
 
 
 def _read_range(path: Path, offset: int, length: int, full: Any = None) -> io.BytesIO:
