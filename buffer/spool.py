@@ -172,10 +172,25 @@ class Spool:
         """Persist a state change (before acting on it)."""
         self._write_manifest(manifest)
 
-    def release(self, manifest: Manifest) -> None:
-        """Drop a package the repository has confirmed: package first, then its manifest."""
+    def release(self, manifest: Manifest, *, replayable: bool = False) -> None:
+        """Drop a package the repository has confirmed: package first, then its manifest.
+
+        `replayable`: the delivery costs nothing to repeat (the repository holds this very inode), so
+        VERIFIED was never written and the manifest goes first, with one fsync: a crash before it
+        replays the no-op delivery; after it, recovery removes the package as uncommitted.
+        """
         if manifest.state != VERIFIED:
             raise SpoolError(f"{manifest.recording_id}: only a verified package may leave the spool")
+        if replayable:
+            with contextlib.suppress(FileNotFoundError):
+                self._manifest_path(manifest.recording_id).unlink()
+            _fsync_dir(self._packages)
+            with contextlib.suppress(FileNotFoundError):
+                self.package_path(manifest.recording_id).unlink()
+            with self._lock:
+                self._committed -= manifest.package_size
+                self._count -= 1
+            return
         with contextlib.suppress(FileNotFoundError):
             self.package_path(manifest.recording_id).unlink()
         _fsync_dir(self._packages)

@@ -1,0 +1,48 @@
+"""The spool's release paths and what recovery makes of a crash in the middle of each (real files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from buffer.spool import SPOOLED, VERIFIED, Manifest, Spool, SpoolError
+
+
+def committed(spool: Spool, rid: str, data: bytes = b"ciphertext" * 100) -> Manifest:
+    m = Manifest(recording_id=rid, kind="call", repo_key=f"call/2026/11/28/{rid}.mseal", package_size=len(data),
+                 sha256=None, kid="k", source=f"/capture/{rid}.wav", identity={}, dispose="delete")
+    reservation = spool.reserve(len(data))
+    assert reservation is not None
+    with spool.staging(rid) as (f, path):
+        f.write(data)
+    return spool.commit(path, m, reservation)
+
+
+@pytest.mark.parametrize("replayable", [False, True])
+def test_release_removes_package_and_manifest(tmp_path: Path, replayable: bool) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 30, min_free_bytes=0)
+    m = committed(spool, "r1")
+    with pytest.raises(SpoolError, match="only a verified package"):
+        spool.release(m, replayable=replayable)
+    m.state = VERIFIED
+    if not replayable:
+        spool.update(m)
+    spool.release(m, replayable=replayable)
+    assert list((tmp_path / "spool" / "packages").iterdir()) == []
+    assert (spool.used_bytes, spool.package_count) == (0, 0)
+
+
+def test_replayable_release_interrupted_either_side_of_its_fsync(tmp_path: Path) -> None:
+    """Manifest first: before the fsync the manifest (still SPOOLED) comes back and the recording is
+    delivered again (a no-op for a hard link); after it, a package without manifest is uncommitted."""
+    root = tmp_path / "spool"
+    spool = Spool(root, 1 << 30, min_free_bytes=0)
+    before, after = committed(spool, "before"), committed(spool, "after")
+    assert before.state == after.state == SPOOLED
+    os.unlink(root / "packages" / "after.json")  # the crash came between the manifest and the package
+    again = Spool(root, 1 << 30, min_free_bytes=0)
+    assert again.recover() == ["before"]
+    assert sorted(p.name for p in (root / "packages").iterdir()) == ["before.json", "before.mseal"]
+    assert again.package_count == 1
