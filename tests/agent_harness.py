@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import secrets_audit
+
 import codec
 from keys.keyring import Keyring
 
@@ -99,6 +101,8 @@ def reap() -> None:
         if agent.proc.poll() is None:
             agent.proc.kill()
             agent.proc.wait(timeout=30)
+        agent._reader.join(timeout=5)
+        secrets_audit.REGISTRY.agent_reaped(agent, agent.audit_number)  # its log, for the secrets audit
 
 
 class Agent:
@@ -108,7 +112,10 @@ class Agent:
         self.setup = setup
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.lines: list[str] = []
+        self.env = env or {}
+        self.metrics_address: str | None = None  # from its "metrics-listening" event, if it has a listener
         cfg = setup.config()
+        self.audit_number = secrets_audit.REGISTRY.agent_started(self)  # set-up, keyring, secrets: audited
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
         full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
@@ -129,6 +136,8 @@ class Agent:
                 doc = json.loads(line)
             except ValueError:
                 doc = {"event": "_text", "text": line}
+            if isinstance(doc, dict) and doc.get("event") == "metrics-listening":
+                self.metrics_address = str(doc.get("address"))
             self.events.put(doc if isinstance(doc, dict) else {"event": "_text", "text": line})
         self.events.put({"event": "_exit"})
 
@@ -155,6 +164,8 @@ class Agent:
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
+            if self.metrics_address:  # what it serves goes to the secrets audit too
+                secrets_audit.REGISTRY.scrape(self.audit_number, self.metrics_address)
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=5)

@@ -115,6 +115,38 @@ def _reap_agents():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _secrets_audit_session():
+    """What tests capture from the product's command line (subprocess.run) is registered for the audit."""
+    import secrets_audit
+
+    with secrets_audit.recording_subprocess_run():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _secrets_audit(request: pytest.FixtureRequest):
+    """After each test: no secret it knows (passphrases, private keys, DEKs, credentials) in any agent log,
+    command output, metrics scrape, manifest or log file, and every file and directory of the agent's spool
+    and filesystem repository 0600 / 0700 (tests/secrets_audit.py). A finding fails the test naming where."""
+    yield
+    import agent_harness
+    import secrets_audit
+
+    agent_harness.reap()  # each agent's log lines are registered as it is reaped
+    report = secrets_audit.audit_test(request.node)
+    if report.findings:
+        pytest.fail(report.message(request.node.nodeid), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    import sys
+
+    audit = sys.modules.get("secrets_audit")
+    if audit is not None and audit.TOTALS.tests:
+        terminalreporter.write_line(audit.TOTALS.summary())
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _reliability_report():
     """docs/RELIABILITY.md is rewritten from the figures every reliability module collected this session,
     only when MEDIASEAL_RELIABILITY_REPORT=1 (`make soak`, or by hand; see that file's *Regenerating*)."""
