@@ -15,6 +15,9 @@ else the capture time. The data object is verified by HEAD (size, SHA-256 checks
 encryption) before the metadata object is written, so a metadata object that matches the source
 package (key, size, PGP recipient) means "done": a re-run skips it. A failure (wrong key, tampered
 package, upload error) fails that recording only (its multipart upload is aborted) and is reported.
+An outage of the key provider itself (the LKM unreachable or out of service after its retries, KMS
+refusing or unreachable) is not a failure of one recording: the export stops with one ExportError;
+recordings already in flight finish, none is started, and a re-run resumes after the last one done.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import codec
 from export.pgp import PgpError, PgpRecipient
 from export.source import PackageSource, SourceError, SourceObject, open_source
 from keys.errors import KeysError
+from keys.kms import KmsError
 from keys.lkm.client import LKMClient
+from keys.lkm.errors import KeyServiceUnreachableError, OverloadedError, RateLimitedError, UnavailableError
 from uploader.base import RepositoryError
 from uploader.s3 import MIN_PART_SIZE, S3Options, parse_s3_url
 
@@ -50,6 +55,13 @@ HEAD_READ = 64 * 1024  # the first GET of a package: its header is far smaller
 EXPORT_FORMAT = "mediaseal-export/1"
 _LAYOUT = re.compile(r"(?:^|/)(call|screen|digital|transcript)/(\d{4})/(\d{2})/(\d{2})/([^/]+)\.mseal$")
 _EXT = re.compile(r"[A-Za-z0-9]{1,10}")
+# The key provider failing as a whole, not for one package: the LKM unreachable or out of service (after
+# the client's own retries), KMS refusing or unreachable (a KMS keyring's private keys all sit under one
+# KMS key). Every recording still to come would fail the same way, each after its own connection
+# attempts and timeouts, and each reported on its own (thousands of identical errors, found by
+# tests/test_reliability_export.py); so the first one stops the export instead.
+_PROVIDER_DOWN: tuple[type[KeysError], ...] = (KeyServiceUnreachableError, UnavailableError, OverloadedError,
+                                               RateLimitedError, KmsError)
 
 
 class ExportError(Exception):
@@ -232,6 +244,8 @@ class _Exporter:
         self.progress = progress
         self.report = Report()
         self.slots = asyncio.Semaphore(opts.concurrency)
+        self.outage: KeysError | None = None  # the key provider is down: start nothing more
+        self.unattempted = 0
 
     async def run(self) -> Report:
         sel = self.opts.selection
@@ -251,10 +265,18 @@ class _Exporter:
                 await asyncio.gather(*(self._bounded(self._prepare, it) for it in window))
                 await self._unwrap_batch([it for it in window if it.header is not None and it.error is None])
                 await asyncio.gather(*(self._bounded(self._finish, it) for it in window))
+                if self.outage is not None:
+                    self.unattempted += len(selected) - start - len(window)
+                    break
         finally:
             self.progress.stop()
-        self.report.selected = self.report.exported + self.report.skipped + len(self.report.failed)
-        return self.report
+        r = self.report
+        if self.outage is not None:
+            raise ExportError(f"export stopped, the key provider failed: {self.outage} ({r.exported} exported, "
+                              f"{r.skipped} already exported, {len(r.failed)} failed, {self.unattempted} not "
+                              "attempted; run the same export again to resume)")
+        r.selected = r.exported + r.skipped + len(r.failed)
+        return r
 
     async def _bounded(self, fn: Callable[[_Item], Awaitable[None]], item: _Item) -> None:
         async with self.slots:
@@ -291,6 +313,9 @@ class _Exporter:
         try:
             answers = await self.unwrapper.unwrap_batch(
                 [(it.header.wraps[0], it.header.metadata.recording_id) for it in items if it.header is not None])
+        except _PROVIDER_DOWN as e:
+            self.outage = self.outage or e
+            return
         except KeysError:
             return  # each recording asks on its own, and fails on its own
         for it, answer in zip(items, answers, strict=True):
@@ -309,8 +334,15 @@ class _Exporter:
             self.progress.done(key, "skipped", "already exported")
             return
         if it.error is None:
+            if self.outage is not None:  # not this recording's failure: not tried, not reported
+                self.unattempted += 1
+                return
             try:
                 await self._export(it)
+            except _PROVIDER_DOWN as e:
+                self.outage = self.outage or e
+                self.unattempted += 1
+                return
             except (codec.CodecError, KeysError, SourceError, PgpError, ExportError, RepositoryError) as e:
                 it.error = str(e) or type(e).__name__
             except Exception as e:  # anything else fails this recording, not the export
@@ -330,6 +362,8 @@ class _Exporter:
                     it.dek = await self.unwrapper.unwrap_async([w], it.header.metadata.recording_id)
                 else:
                     it.dek = await asyncio.to_thread(self.unwrapper.unwrap, [w])
+            except _PROVIDER_DOWN:
+                raise  # the other wraps go to the same provider
             except (codec.NoMatchingKeyError, KeysError) as e:
                 failure = failure if isinstance(failure, KeysError) else e
                 continue
@@ -341,6 +375,8 @@ class _Exporter:
         assert it.header is not None
         try:
             await self._unwrap(it)
+        except _PROVIDER_DOWN:
+            raise  # _finish stops the export
         except (codec.NoMatchingKeyError, KeysError) as e:
             raise ExportError(f"no key: {e}") from None
         assert it.dek is not None
