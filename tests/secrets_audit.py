@@ -408,10 +408,9 @@ def _dek_secrets(name: str, head: bytes, keys: dict[str, Any], counts: Counter[s
     return []
 
 
-def _local_packages(trees: Iterable[Tree], named: Iterable[Path]) -> list[Path]:
+def _local_packages(walked: Iterable[tuple[Path, os.stat_result]], named: Iterable[Path]) -> list[Path]:
     found = set(named)
-    for tree in trees:
-        found.update(p for p, st in _walk(tree.root, False) if stat.S_ISREG(st.st_mode) and ".mseal" in p.name)
+    found.update(p for p, st in walked if stat.S_ISREG(st.st_mode) and ".mseal" in p.name)
     return sorted(found)
 
 
@@ -484,9 +483,9 @@ def _line(blob: bytes, i: int) -> str:
     return f" line {blob.count(newline, 0, i) + 1}" if newline in blob else ""
 
 
-def _mode_problems(tree: Tree, counts: Counter[str]) -> list[str]:
+def _mode_problems(tree: Tree, walked: Iterable[tuple[Path, os.stat_result]], counts: Counter[str]) -> list[str]:
     out: list[str] = []
-    for p, st in _walk(tree.root, tree.include_root):
+    for p, st in walked:
         if stat.S_ISLNK(st.st_mode):
             continue
         is_dir = stat.S_ISDIR(st.st_mode)
@@ -514,15 +513,17 @@ def audit(reg: Registry, *, tmp_path: Path | None = None, moto_url: str | None =
         secrets += found
         keys.update(ring_keys)
     key_files = set(reg.key_files)
-    if tmp_path is not None:
-        key_files.update(p for pattern in ("*.key", "*.pem") for p in tmp_path.rglob(pattern))
+    tmp_files = _files_by_suffix(tmp_path, (".key", ".pem", ".log", ".jsonl")) if tmp_path is not None else []
+    key_files.update(p for p in tmp_files if p.suffix in (".key", ".pem"))
     for p in sorted(key_files):
         found = _key_file_secrets(p)
         c["key files"] += bool(found)
         secrets += found
     texts = list(reg.texts) + [(f"captured {what}", body.encode(errors="replace")) for what, body in captured]
     # Packages: their DEKs (the spool's and the repository's, sampled evenly), and their headers as texts.
-    local = _local_packages(reg.trees.values(), reg.packages)
+    walked = {tree.root: list(_walk(tree.root, tree.include_root)) for tree in reg.trees.values()}  # once each
+    everything = [entry for entries in walked.values() for entry in entries]
+    local = _local_packages(everything, reg.packages)
     c["packages"] += len(local)
     heads: list[tuple[str, bytes]] = []
     for p in _spread(local, MAX_DEKS):
@@ -535,31 +536,33 @@ def audit(reg: Registry, *, tmp_path: Path | None = None, moto_url: str | None =
             secrets.append(s)
             texts.append((f"header of package {name}", head[:_header_size(head)]))
     # Files the agent left: manifests and anything else that is not a package.
-    for tree in reg.trees.values():
-        for p, st in _walk(tree.root, False):
-            if stat.S_ISREG(st.st_mode) and ".mseal" not in p.name:
-                with contextlib.suppress(OSError), open(p, "rb") as f:
-                    texts.append((f"file {p}", f.read(MAX_FILE)))
-                c["files scanned"] += 1
-    if tmp_path is not None:
-        for pattern in ("*.log", "*.jsonl"):
-            for p in tmp_path.rglob(pattern):
-                with contextlib.suppress(OSError), open(p, "rb") as f:
-                    texts.append((f"log file {p}", f.read(MAX_TEXT)))
-                    c["log files"] += 1
+    for p, st in everything:
+        if stat.S_ISREG(st.st_mode) and ".mseal" not in p.name:
+            with contextlib.suppress(OSError), open(p, "rb") as f:
+                texts.append((f"file {p}", f.read(MAX_FILE)))
+            c["files scanned"] += 1
+    for p in tmp_files:
+        if p.suffix in (".log", ".jsonl"):
+            with contextlib.suppress(OSError), open(p, "rb") as f:
+                texts.append((f"log file {p}", f.read(MAX_TEXT)))
+                c["log files"] += 1
     secrets = list({s.needles: s for s in secrets}.values())  # each once (a run registers its env again)
     c["secrets"] += len(secrets)
     c["needles"] += sum(len(s.needles) for s in secrets)
     for where, blob in texts:
         r.findings += _find(where, blob, secrets, c)
     for tree in reg.trees.values():
-        r.findings += _mode_problems(tree, c)
+        r.findings += _mode_problems(tree, walked[tree.root], c)
     c["agents"] += reg.agents
     c["agent log lines"] += reg.log_lines
     c["command outputs"] += reg.cli_runs
     c["metrics scrapes"] += reg.scrapes
     r.seconds = time.monotonic() - t0
     return r
+
+
+def _files_by_suffix(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return [Path(d) / n for d, _, names in os.walk(root) for n in names if n.endswith(suffixes)]
 
 
 def _header_size(head: bytes) -> int:
@@ -600,7 +603,8 @@ class Totals:
                 f" ({c['planted by the test, not checked']} planted by tests); "
                 f"secrets known: {c['secrets']} ({c['needles']} forms), DEKs {c['DEKs']} of {c['packages']} "
                 f"packages, keyrings opened {c['keyrings opened']} / not {c['keyrings not opened']}, "
-                f"key files {c['key files']}")
+                f"key files {c['key files']}; not audited: {c['packages without a known key']} packages without a "
+                f"known key, {c['buckets unreadable']} buckets, {c['package headers unreadable']} headers")
 
 
 TOTALS = Totals()
