@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -136,13 +137,14 @@ def report_peer(benchmark: Any, name: str, sides: Sides, target: float, settings
 @pytest.fixture(scope="module", autouse=True)
 def peer_versions() -> None:
     """One line naming every peer's version (or its absence), for docs/BENCHMARKS.md."""
-    age, gpg = shutil.which("age"), shutil.which("gpg")
+    age, gpg, rclone = shutil.which("age"), shutil.which("gpg"), shutil.which("rclone")
     emit("peers: " + "; ".join([
         f"age CLI {_version([age, '--version']) if age else 'not installed'}",
         f"pyrage {_dist_version('pyrage')}",
         f"tink {_dist_version('tink')}",
         f"aws-encryption-sdk {_dist_version('aws-encryption-sdk')}",
         _version([gpg, "--version"]) if gpg else "gpg not installed",
+        _version([rclone, "version"]) if rclone else "rclone not installed",
     ]))
 
 
@@ -305,3 +307,109 @@ def test_peer_gpg(benchmark: Any, source_file: str, out_path: str, recipient: co
     sides = three_way(benchmark, encrypt, source_file, out_path, recipient)
     report_peer(benchmark, "gpg", sides, PEER_TARGET,
                 f"{_version([gpg, '--version'])}, --symmetric AES256 (s2k count 1024), --compress-algo none")
+
+
+# rclone crypt: a crypt remote over the benchmark directory, defined by environment variables only.
+RCLONE_REMOTE = "msbench"
+RCLONE_BLOCK = 64 * 1024  # crypt's data block: 16 bytes of Poly1305 tag per block, after a 32-byte header
+RCLONE_HEADER = 32
+RCLONE_MAGIC = b"RCLONE\x00\x00"
+# `copyto` with nothing but the copy: no look-up of the destination (deleted after every round), no post-copy
+# checksum comparison, no "changed during upload" re-stat of the source, no modification-time update. crypt's
+# own upload check stays (in 1.60 --ignore-checksum does not turn it off): it MD5s the encrypted stream and
+# compares it with the local backend's MD5 of the written file, which re-reads that file.
+RCLONE_COPY_FLAGS = ["-q", "--no-check-dest", "--ignore-checksum", "--local-no-check-updated",
+                     "--local-no-set-modtime"]
+
+
+def _rclone_env(rclone: str, home: str, directory: str) -> dict[str, str]:
+    """The environment of every rclone run: a crypt remote `msbench:` over `directory` (file names in clear,
+    with crypt's `.bin` suffix), a fresh random password, and a config path in `home` that is never created
+    (rclone only reads it); the caller's own RCLONE_* settings are dropped."""
+    password = subprocess.run([rclone, "obscure", "-q", "-"], input=os.urandom(24).hex(), check=True,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    state = os.path.join(home, "rclone")
+    prefix = f"RCLONE_CONFIG_{RCLONE_REMOTE.upper()}_"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+    env.update({
+        "RCLONE_CONFIG": os.path.join(state, "rclone.conf"),
+        "RCLONE_CACHE_DIR": os.path.join(state, "cache"),
+        prefix + "TYPE": "crypt",
+        prefix + "REMOTE": directory,
+        prefix + "PASSWORD": password,
+        prefix + "FILENAME_ENCRYPTION": "off",
+        prefix + "DIRECTORY_NAME_ENCRYPTION": "false",
+    })
+    return env
+
+
+def _rclone_object(dst: str) -> str:
+    """The crypt object whose underlying file is `dst` (with file names in clear, crypt appends `.bin`)."""
+    base = os.path.basename(dst)
+    if not base.endswith(".bin") or len(base) == len(".bin"):
+        raise ValueError(f"rclone crypt writes NAME.bin, so the output must be named NAME.bin, not {base!r}")
+    return f"{RCLONE_REMOTE}:{base[:-len('.bin')]}"
+
+
+def _check_rclone_crypt(rclone: str, env: dict[str, str], encrypt: Callable[[str, str], None],
+                        src: str, dst: str) -> None:
+    """Outside the timing: the command that the rounds time encrypts (crypt's header, the size crypt's format
+    gives, bytes unlike the source) and `rclone cat` decrypts its output back to the source."""
+    encrypt(src, dst)
+    try:
+        size, out_size = os.path.getsize(src), os.path.getsize(dst)
+        expected = RCLONE_HEADER + size + 16 * -(-size // RCLONE_BLOCK)
+        assert out_size == expected, f"rclone crypt wrote {out_size} bytes for {size}, expected {expected}"
+        with open(src, "rb") as f, open(dst, "rb") as g:
+            assert g.read(len(RCLONE_MAGIC)) == RCLONE_MAGIC, "rclone's output has no crypt header"
+            g.seek(RCLONE_HEADER)
+            plain, sealed = f.read(MiB), g.read(MiB)
+            assert plain[:RCLONE_BLOCK] not in sealed, "rclone's output holds the source's first block in clear"
+        with subprocess.Popen([rclone, "cat", "-q", _rclone_object(dst)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE) as cat, open(src, "rb") as f:
+            assert cat.stdout is not None
+            offset = 0
+            while chunk := f.read(MiB):
+                back = cat.stdout.read(len(chunk))
+                assert back == chunk, f"`rclone cat` differs from the source at or after byte {offset}"
+                offset += len(chunk)
+            assert cat.stdout.read(1) == b"", "`rclone cat` returned more bytes than the source"
+        assert cat.returncode == 0, f"`rclone cat` exited {cat.returncode}"
+    finally:
+        remove(dst)
+
+
+def _rclone_fixed_cost(encrypt: Callable[[str, str], None], home: str, dst: str, runs: int = 5) -> float:
+    """Median seconds of one `copyto` of an empty file: process start, crypt's scrypt key derivation, set-up."""
+    empty = os.path.join(home, "empty")
+    open(empty, "wb").close()
+    seconds = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        encrypt(empty, dst)
+        seconds.append(time.perf_counter() - t0)
+        remove(dst)
+    return statistics.median(seconds)
+
+
+def test_peer_rclone_crypt(benchmark: Any, source_file: str, out_path: str, recipient: codec.Recipient,
+                           peer_home: str) -> None:
+    rclone = shutil.which("rclone")
+    if not rclone:
+        pytest.skip("rclone is not installed (Debian package 'rclone'; `make bench-peers` installs it)")
+    env = _rclone_env(rclone, peer_home, os.path.dirname(out_path))
+
+    def encrypt(src: str, dst: str) -> None:
+        subprocess.run([rclone, "copyto", *RCLONE_COPY_FLAGS, src, _rclone_object(dst)], env=env, check=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
+
+    _check_rclone_crypt(rclone, env, encrypt, source_file, out_path)
+    sides = three_way(benchmark, encrypt, source_file, out_path, recipient)
+    assert not os.path.exists(env["RCLONE_CONFIG"]), "rclone wrote a config file"
+    version = _version([rclone, "version"])
+    report_peer(benchmark, "rclone crypt", sides, PEER_TARGET,
+                f"{version}, copyto a local crypt remote (XSalsa20-Poly1305, 64 KiB blocks, names in clear),"
+                f" {' '.join(RCLONE_COPY_FLAGS[1:])}; crypt's upload MD5 check re-reads the output")
+    fixed = _rclone_fixed_cost(encrypt, peer_home, out_path)
+    emit(f"peer rclone crypt: {fixed * 1e3:.0f} ms per invocation on an empty file (process start, scrypt key"
+         f" derivation), {fixed / statistics.median(sides.peer):.0%} of its {SOURCE_SIZE // MiB} MiB median")
