@@ -38,9 +38,9 @@ lint: $(STAMP)
 bench: $(STAMP)  ## throughput ratios against same-run baselines (see docs/BENCHMARKS.md)
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only -p no:cacheprovider -s
 
-# Optional: installs the peers (pinned, into .venv under constraints.txt; the age CLI with apt-get as root)
+# Optional: installs the peers (pinned, into .venv under constraints.txt; the age CLI and rclone with apt-get as root)
 # only when asked, then compares them with mediaseal on the same files. Missing peers skip.
-bench-peers: $(STAMP)  ## mediaseal vs age CLI, pyrage, tink-py, AWS Encryption SDK, gpg (see docs/BENCHMARKS.md)
+bench-peers: $(STAMP)  ## mediaseal vs age CLI, pyrage, tink-py, AWS Encryption SDK, gpg, rclone crypt (see docs/BENCHMARKS.md)
 	sh benchmarks/peers.sh $(PY)
 	$(PY) -m pytest benchmarks/test_peers.py -q --benchmark-enable --benchmark-only -p no:cacheprovider -s -rs
 
