@@ -61,9 +61,17 @@ __all__ = [
 DEFAULT_PORT = 8750
 OPEN_SECONDS = 30.0  # how long an opened package (its derived keys, in memory only) is reused
 OPEN_MAX = 64
+# A connection that has not sent a whole request within this many seconds of opening (or of its last
+# answer) is closed: aiohttp's own default is an hour, which lets slow or idle clients (slowloris) hold
+# connections, and their memory, for that long. 15 s, as the Local Key Manager.
+KEEPALIVE_SECONDS = 15.0
 MIN_TOKEN_CHARS = 32
 UNSATISFIABLE = "unsatisfiable"
-_RANGE_PART = re.compile(r"(\d*)-(\d*)")
+# ASCII digits only (RFC 9110's DIGIT): `\d` would also take other scripts' digits, which int() reads.
+_RANGE_PART = re.compile(r"([0-9]*)-([0-9]*)")
+# A position longer than this is past any recording; int() refuses more than 4300 digits (CVE-2020-10735),
+# and a Range header may hold 8 KiB of them, so longer ones are read as "huge" instead of converted.
+_MAX_POSITION_DIGITS = 18
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;\s*[A-Za-z0-9_.-]+=[A-Za-z0-9_.-]+)*")
 
 
@@ -96,12 +104,12 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | str | None:
             return None
         parsed_any = True
         if not m[1]:  # suffix: the last n bytes
-            n = int(m[2])
+            n = _position(m[2])
             if n > 0 and size > 0:
                 spans.append((max(0, size - n), size - 1))
             continue
-        first = int(m[1])
-        last = int(m[2]) if m[2] else size - 1
+        first = _position(m[1])
+        last = _position(m[2]) if m[2] else size - 1
         if m[2] and last < first:
             return None
         if first < size:
@@ -111,6 +119,12 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | str | None:
     if not spans:
         return UNSATISFIABLE
     return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+def _position(digits: str) -> int:
+    """A byte position from a Range header; one of more than 18 significant digits is 10**18 (past any size)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_POSITION_DIGITS else 10**_MAX_POSITION_DIGITS
 
 
 # -- authentication and audit ------------------------------------------------------------------------
@@ -172,7 +186,8 @@ class AuditLog:
 class PlaybackServer:
     def __init__(self, source: PackageSource, unwrapper: codec.Unwrapper, *, audit: AuditLog,
                  tokens: list[tuple[str, bytes]] | None = None, mtls: bool = False,
-                 open_seconds: float = OPEN_SECONDS, open_max: int = OPEN_MAX) -> None:
+                 open_seconds: float = OPEN_SECONDS, open_max: int = OPEN_MAX,
+                 keepalive_timeout: float = KEEPALIVE_SECONDS) -> None:
         if not tokens and not mtls:
             raise ServeError("refusing to serve without authentication: give a tokens file and/or a client CA (mTLS)")
         self.source, self.unwrapper, self.audit = source, unwrapper, audit
@@ -181,6 +196,7 @@ class PlaybackServer:
         # costs one ranged GET each instead of header + unwrap + final chunk every time.
         self._opened: OrderedDict[str, tuple[float, RemotePackage]] = OrderedDict()
         self.open_seconds, self.open_max = open_seconds, open_max
+        self.keepalive_timeout = keepalive_timeout
 
     async def package(self, key: str) -> RemotePackage:
         now = time.monotonic()
@@ -205,7 +221,11 @@ class PlaybackServer:
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        from keys.lkm.service import http_protocol_logger
+
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                               keepalive_timeout=self.keepalive_timeout,
+                               logger=http_protocol_logger("mediaseal.serve.http"))
         await runner.setup()
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         return runner
@@ -225,7 +245,8 @@ class PlaybackServer:
             scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
                 return None
-            digest = hashlib.sha256(credential.strip().encode()).digest()
+            # surrogateescape: header bytes that are not UTF-8 arrive as lone surrogates (no token has them)
+            digest = hashlib.sha256(credential.strip().encode("utf-8", "surrogateescape")).digest()
             match = None
             for name, want in self.tokens:  # every entry compared, in constant time each
                 if hmac.compare_digest(want, digest):
@@ -270,7 +291,7 @@ class PlaybackServer:
             key = check_key(key)
         except SourceError:
             return _json(404, "not-found", "no such recording"), 0
-        if not key.endswith(".mseal"):
+        if not key.endswith(".mseal") or not _nameable(key):
             return _json(404, "not-found", "no such recording"), 0
         for attempt in (1, 2):
             was_open = key in self._opened
@@ -370,6 +391,13 @@ class PlaybackServer:
         raise e
 
 
+def _nameable(key: str) -> bool:
+    """Whether a repository could hold `key`: at most 1024 bytes (S3's limit) in segments of at most 255
+    (a file name's). Longer ones are not found, rather than a filesystem error (ENAMETOOLONG) answered 502."""
+    data = key.encode("utf-8", "surrogateescape")
+    return len(data) <= 1024 and all(len(seg) <= 255 for seg in data.split(b"/"))
+
+
 def _json(status: int, error: str, message: str) -> web.Response:
     return web.Response(status=status, text=json.dumps({"error": error, "message": message}),
                         content_type="application/json", headers={"Cache-Control": "no-store"})
@@ -389,6 +417,7 @@ class ServeOptions:
     tls_key: Path | None = None
     client_ca: Path | None = None  # mTLS: client certificates required and verified against this
     s3: dict[str, Any] = field(default_factory=dict)  # S3Options fields, e.g. endpoint_url
+    keepalive_timeout: float = KEEPALIVE_SECONDS
 
 
 def check_options(o: ServeOptions) -> None:
@@ -428,7 +457,8 @@ async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
     except SourceError as e:
         raise ServeError(str(e)) from None
     audit = AuditLog(o.audit_log)
-    server = PlaybackServer(source, unwrapper, audit=audit, tokens=tokens, mtls=o.client_ca is not None)
+    server = PlaybackServer(source, unwrapper, audit=audit, tokens=tokens, mtls=o.client_ca is not None,
+                            keepalive_timeout=o.keepalive_timeout)
     try:
         runner = await server.start(o.host, o.port, ctx)
     except OSError as e:

@@ -421,7 +421,9 @@ def parse_authorization(value: str, scheme: str, required: set[str], optional: s
 def split_host(host_header: str, default_port: int) -> tuple[str, int]:
     """Host and port from a Host header ("example.com:8000", "[::1]:8443", "example.com")."""
     h = host_header.strip()
-    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::([0-9]{1,5}))?", h)
+    # Printable ASCII only: header bytes that are not UTF-8 arrive as lone surrogates, which the Hawk MAC
+    # string can't encode (that was a 500 and a traceback for an unauthenticated request).
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[!-9;-Z^-~]+)(?::([0-9]{1,5}))?", h)
     if not m:
         raise UnauthenticatedError("the Host header is malformed")
     return m.group(1).lower(), int(m.group(2)) if m.group(2) else default_port

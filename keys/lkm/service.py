@@ -42,6 +42,7 @@ import re
 import signal
 import socket
 import ssl
+import sys
 import tempfile
 import time
 import uuid
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography.hazmat.primitives import serialization
 
 import codec
@@ -258,6 +260,31 @@ class _TLSSite(web.BaseSite):
         self._bound = (self._host, sock.getsockname()[1])
 
 
+class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's request-handler logger, minus tracebacks for malformed requests.
+
+    aiohttp logs every request it can't parse (bad request line, header too long, bad chunked encoding...:
+    its HttpProcessingError, answered 400) with a full traceback at ERROR. That is
+    the client's mistake, expected on any listener, and a stream of them would fill the log with
+    tracebacks: here it is one INFO line naming the problem. Anything else (a bug) keeps its traceback.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            first = (exc.message or "").strip().splitlines()[:1]
+            self.logger.info("malformed request refused", extra={"fields": {
+                "what": str(msg) % args if args else str(msg), "status": exc.code,
+                "error": first[0][:200] if first else type(exc).__name__}})
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def http_protocol_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
+    """The `logger` for an aiohttp AppRunner: malformed requests are one line each, never a traceback."""
+    return _ProtocolLog(logging.getLogger(name), {})
+
+
 def server_ssl_context(cert: Path, key: Path, client_ca: Path | None, require_client_cert: bool) -> ssl.SSLContext:
     """TLS 1.2+ with the server's certificate; client certificates verified against `client_ca` when given.
 
@@ -357,7 +384,8 @@ class LKMService:
             handler = self._endpoint(route)
             app.router.add_route(route.method, route.path, handler)
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=cfg.keepalive_timeout,
-                                     max_line_size=8190, max_field_size=8190, max_headers=64)
+                                     max_line_size=8190, max_field_size=8190, max_headers=64,
+                                     logger=http_protocol_logger("mediaseal.lkm.http"))
         await self._runner.setup()
         self._site = _TLSSite(self._runner, cfg.host, cfg.port, ssl_context, cfg.handshake_timeout)
         try:
