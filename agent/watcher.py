@@ -45,7 +45,7 @@ __all__ = ["Candidate", "FileIdentity", "Watcher", "is_temp_name"]
 
 log = logging.getLogger("mediaseal.watcher")
 
-UNREADABLE_RETRY_SECONDS = 60.0  # an unreadable file is looked at no more often than this
+UNREADABLE_RETRY_SECONDS = 60.0  # an unreadable file is looked at no more often than this, unless its ctime moves
 _MIN_RECHECK = 0.25  # floor between quiet-mode looks, so quiet_seconds = 0 cannot spin
 _BATCH = 256  # candidates found per trip to the scanning thread
 _MAX_HINTS = 1024  # per watch; past this a scan of the whole watch is cheaper than the list
@@ -248,6 +248,7 @@ class _Note:
     shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # quiet: (dev, ino, size, mtime_ns) last observed
     since: float = 0.0  # quiet: since when `shape` is known to hold
     reported: bool = False  # unreadable already logged and counted
+    ctime_ns: int = 0  # unreadable: the file's ctime when last found unreadable
 
 
 class _Scanner:
@@ -366,7 +367,10 @@ class _Scanner:
         now, note = self.clock(), self.notes.get(path)
         if note is not None:
             note.seen = self.gen
-            if note.state == "unreadable" and note.due is not None and now < note.due:
+            # The slow retry spares a file nothing has changed about. A chmod, chown or ACL change (the
+            # operator's fix) moves the ctime: look now, so the fix takes effect without waiting a minute.
+            if (note.state == "unreadable" and note.due is not None and now < note.due
+                    and note.ctime_ns == st.st_ctime_ns):
                 return
         identity, marker = FileIdentity.of(st), None
         if watch.completion == "marker":
@@ -380,13 +384,14 @@ class _Scanner:
         except FileNotFoundError:
             self.notes.pop(path, None)
             return
-        except OSError as e:  # EACCES, EPERM, EIO...: say so once, then look once a minute
+        except OSError as e:  # EACCES, EPERM, EIO...: say so once, then look once a minute (or once changed)
             reported = note is not None and note.reported
             if not reported:
                 log.warning("unreadable", extra={"fields": {
                     "path": str(path), "error": e.strerror, "retry_seconds": UNREADABLE_RETRY_SECONDS}})
                 UNREADABLE.inc()
-            self.notes[path] = _Note(i, "unreadable", self.gen, due=now + UNREADABLE_RETRY_SECONDS, reported=True)
+            self.notes[path] = _Note(i, "unreadable", self.gen, due=now + UNREADABLE_RETRY_SECONDS, reported=True,
+                                     ctime_ns=st.st_ctime_ns)
             return
         if note is not None and note.reported:
             log.info("readable-again", extra={"fields": {"path": str(path)}})
