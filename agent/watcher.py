@@ -16,9 +16,12 @@ candidates. Symlinks are never followed (a configured capture directory may itse
 watches' directories and `move_to` directories are never entered.
 
 A complete file may be emitted again by a later scan while it is still there and not `is_busy`:
-the pipeline dedups. Memory stays flat for any backlog: directories are read with os.scandir
-iterators in a worker thread, candidates are put on the bounded queue as they are found (a full
-queue pauses the scan), and per-file state is kept only for files seen but not (yet) emitted.
+the pipeline dedups. A file hinted while busy (changed while being sealed: the pipeline will re-do it)
+is looked at again every second until it is emitted or a full scan takes over.
+
+Memory stays flat for any backlog: directories are read with os.scandir iterators in a worker thread,
+candidates are put on the bounded queue as they are found (a full queue pauses the scan), and per-file
+state is kept only for files seen but not (yet) emitted.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ log = logging.getLogger("mediaseal.watcher")
 
 UNREADABLE_RETRY_SECONDS = 60.0  # an unreadable file is looked at no more often than this, unless its ctime moves
 _MIN_RECHECK = 0.25  # floor between quiet-mode looks, so quiet_seconds = 0 cannot spin
+_BUSY_RECHECK = 1.0  # a hinted file that was busy (being sealed) is looked at again this often
 _BATCH = 256  # candidates found per trip to the scanning thread
 _MAX_HINTS = 1024  # per watch; past this a scan of the whole watch is cheaper than the list
 _HINT_RETRY_SECONDS = 5.0  # how soon to try inotify again (missing directory, watch limit)
@@ -159,7 +163,7 @@ class Watcher:
                 self._hints, self._flooded = {}, set()
                 items += self._scanner.take_due(self._clock())
                 if items:
-                    await self._emit(out, self._scanner.check(items), executor)
+                    await self._emit(out, self._scanner.check(items), executor, hinted=True)
             delay = next_full - loop.time()
             due = self._scanner.next_due()
             if due is not None:
@@ -169,7 +173,8 @@ class Watcher:
                     await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _emit(
-        self, out: asyncio.Queue[Candidate], found: Generator[Candidate, None, None], executor: ThreadPoolExecutor
+        self, out: asyncio.Queue[Candidate], found: Generator[Candidate, None, None], executor: ThreadPoolExecutor,
+        *, hinted: bool = False,
     ) -> None:
         # The scan (stat calls, possibly over NFS) runs in a thread; only is_busy and put run here.
         loop = asyncio.get_running_loop()
@@ -177,6 +182,11 @@ class Watcher:
             while batch := await loop.run_in_executor(executor, _take, found, _BATCH):
                 for cand in batch:
                     if self._is_busy(cand.path):
+                        if hinted:
+                            # Something happened to it while it was being sealed (rewritten, truncated,
+                            # renamed over): the pipeline re-does such a file, and this hint is the only
+                            # news of it before the next full scan (rescan_seconds, 30 s by default).
+                            self._scanner.later(cand, self._clock() + _BUSY_RECHECK)
                         continue
                     DISCOVERED.labels(kind=cand.watch.kind).inc()
                     log.debug("complete", extra={"fields": {"path": str(cand.path)}})
@@ -242,7 +252,7 @@ class _Note:
     """What the scanner remembers about a file it saw and did not emit; dropped when it vanishes."""
 
     watch: int
-    state: str  # "pending" (quiet, still changing) | "unreadable" | "skipped" (reported once, ignored)
+    state: str  # "pending" (quiet, still changing) | "unreadable" | "skipped" (reported once, ignored) | "busy"
     seen: int  # generation of the last full scan that saw it: the others are swept after a scan
     due: float | None = None  # wall-clock time to look again
     shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # quiet: (dev, ino, size, mtime_ns) last observed
@@ -284,6 +294,11 @@ class _Scanner:
         for _, note in due:
             note.due = None  # looking again sets a new due time, if one is still needed
         return [(n.watch, p) for p, n in due]
+
+    def later(self, cand: Candidate, due: float) -> None:
+        """Look at a (busy) candidate again at `due`, until the pipeline is done with it."""
+        i = self.watches.index(cand.watch)
+        self.notes[cand.path] = _Note(i, "busy", self.gen, due=due)
 
     def next_due(self) -> float | None:
         return min((n.due for n in self.notes.values() if n.due is not None), default=None)
