@@ -214,10 +214,17 @@ class Watcher:
             except FileNotFoundError:
                 pass  # the scan reports a missing capture directory
             except Exception as e:  # (inotify watch limit, ...) scans still find everything, only later
-                if str(e) != reported:
-                    reported = str(e)
+                errors = _leaves(e)
+                if not all(isinstance(x, OSError) for x in errors):
+                    # Failed while watching, not while setting up: watchfiles gives up on a whole batch of
+                    # events when one path in it is not UTF-8, so the batch's other paths are lost. A full
+                    # scan now stands in for them, rather than the next periodic one.
+                    self.rescan_now()
+                error = "; ".join(str(x) for x in errors)
+                if error != reported:
+                    reported = error
                     log.warning("watch-events-unavailable", extra={"fields": {
-                        "watch": str(watch.path), "error": str(e), "rescan_seconds": self._rescan_seconds}})
+                        "watch": str(watch.path), "error": error, "rescan_seconds": self._rescan_seconds}})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), min(self._rescan_seconds, _HINT_RETRY_SECONDS))
 
@@ -229,6 +236,13 @@ class Watcher:
                 self._flooded.add(i)
                 del self._hints[i]
         self._wake.set()
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    """The errors inside (nested) exception groups: anyio wraps watchfiles' errors in a TaskGroup's."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
 
 
 def _hint_filter(change: Change, path: str) -> bool:
