@@ -60,7 +60,14 @@ def recording_id(agent_id: str, path: Path, ident: FileIdentity) -> str:
     different for two recordings even under a reused name (the inode and mtime differ)."""
     when = dt.datetime.fromtimestamp(ident.mtime_ns / 1e9, dt.UTC)
     basis = f"{agent_id}\0{path}\0{ident.dev}\0{ident.ino}\0{ident.size}\0{ident.mtime_ns}"
-    return f"{when:%Y%m%dT%H%M%SZ}-{hashlib.sha256(basis.encode()).hexdigest()[:20]}"
+    # surrogateescape: a name that is not UTF-8 (any bytes but / and NUL are legal) hashes as its bytes.
+    return f"{when:%Y%m%dT%H%M%SZ}-{hashlib.sha256(basis.encode('utf-8', 'surrogateescape')).hexdigest()[:20]}"
+
+
+def display_name(name: str) -> str:
+    """The source's name as the package metadata keeps it: UTF-8 always, so a name that is not
+    (its undecodable bytes arrive as surrogate escapes) keeps those bytes as `\\xNN` text."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:4096]
 
 
 def package_estimate(size: int, chunk_size: int) -> int:
@@ -235,6 +242,9 @@ class Pipeline:
             self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS
             return
         except OSError as e:
+            if e.errno == errno.ELOOP:  # replaced by a symlink after the scan: never followed, not a fault
+                log.warning("skipped", extra={"fields": {**fields, "reason": "symbolic link, not followed"}})
+                return
             reason = errno.errorcode.get(e.errno or 0, "oserror")
             metrics.FAILED.labels("intake", reason).inc()
             log.error("seal-failed", extra={"fields": {**fields, "error": str(e)}})
@@ -279,7 +289,7 @@ class Pipeline:
             captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
             metadata = codec.Metadata(
                 recording_id=rid, kind=w.kind, content_type=_content_type(w, cand.path),
-                original_name=cand.path.name[:4096], captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                original_name=display_name(cand.path.name), captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 agent_id=self.config.agent.id[:4096],
             )
             header, keys = codec.new_package(metadata, [recipient], self.chunk_size)

@@ -374,3 +374,15 @@ def test_embedded_default_make_run(tmp_path: Path) -> None:
     assert list((base / "capture").iterdir()) == []
     for p in [base, *base.rglob("*")]:
         assert p.stat().st_mode & 0o777 == (0o700 if p.is_dir() else 0o600), p
+
+
+def test_a_name_that_is_not_utf8_is_delivered(setup: Setup) -> None:
+    """Any bytes but / and NUL make a legal name; the package keeps undecodable ones as \\xNN text."""
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    name = os.fsdecode(b"caller-\xff\xfe.wav")
+    sha = drop(setup.capture(), name, os.urandom(7000))
+    agent.wait_for("delivered", timeout=60)
+    assert agent.stop() == 0
+    assert not any('"intake-error"' in line for line in agent.lines)
+    assert decrypt_all(setup.repository, setup.keyring) == {"caller-\\xff\\xfe.wav": [sha]}
