@@ -127,12 +127,16 @@ class PublicKeys:
         return r
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Refresh every `refresh_seconds` until `stop`."""
+        """Refresh every `refresh_seconds` until `stop`, checking staleness on the same tick."""
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.config.refresh_seconds)
             except TimeoutError:
                 await self.refresh()
+                # current() is what notices staleness (and logs `key-set-stale`); without this call an
+                # idle agent whose key source stayed down past max_staleness_seconds said nothing about
+                # it until a recording arrived or someone scraped /metrics or /readyz.
+                self.current()
 
 
 def _log_keyset(keyset: KeySet, location: str) -> None:

@@ -204,6 +204,39 @@ async def test_agent_keysource_keeps_last_key_then_stops_intake(server, ca, ring
     assert any(r.getMessage() == "key-set-fresh" for r in caplog.records)
 
 
+async def test_agent_keysource_says_stale_while_idle(server, ca, ring, tmp_path) -> None:
+    """Regression: staleness was noticed only when something asked for the key (a recording arriving, a
+    scrape of /metrics or /readyz); an idle agent whose key source stayed down said nothing. The refresh
+    loop itself now logs `key-set-stale` once the set is older than max_staleness_seconds."""
+    import threading
+
+    signer_pem = tmp_path / "signer.pem"
+    signer_pem.write_bytes(ring.signer_pem())
+    server.document = ring.publish(None)
+    keys = PublicKeys(KeysConfig(keyset=server.url, signer=signer_pem, ca_bundle=ca.ca_pem, refresh_seconds=0.05,
+                                 max_staleness_seconds=0.3))
+    assert await keys.refresh()
+    said = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "key-set-stale":
+                said.set()
+
+    handler = Watch()
+    logging.getLogger("mediaseal.keys").addHandler(handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(keys.run(stop))
+    try:
+        server.fail_with = 503  # down, and nobody calls keys.current()
+        assert await asyncio.to_thread(said.wait, 10), "no key-set-stale line from an idle agent"
+    finally:
+        stop.set()
+        await task
+        logging.getLogger("mediaseal.keys").removeHandler(handler)
+    assert keys.current() is None
+
+
 # -- file and S3 -----------------------------------------------------------------------------------
 
 
