@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -112,3 +114,16 @@ def produce(ledger: Ledger, directory: Path, prefix: str, sizes: list[int]) -> l
     before = set(ledger.sha)
     ledger.produce(directory, prefix, sizes)
     return [n for n in ledger.sha if n not in before]
+
+
+def hash_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wait_metric(address: str, name: str, value: float, timeout: float = 30.0, **labels: str) -> Scrape:
+    """Scrape until the sample has `value` (state the agent logs no event for, e.g. intake waiting)."""
+    deadline = time.monotonic() + timeout
+    while (m := Scrape.of(address)).value(name, **labels) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} is {m.value(name, **labels)}, not {value}"
+        time.sleep(0.1)
+    return m

@@ -19,12 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import Agent, Setup, make_keyring
+from agent_harness import PASSPHRASE, Agent, Setup, make_keyring
+from keyset_support import TestCA
 from reliability_outages import (
+    KEYSET_ENV,
     METRICS_ENV,
+    RestartableKeySetServer,
     Scrape,
+    hash_of,
     http_json,
+    keyset_setup,
     produce,
+    wait_metric,
 )
 from reliability_support import (
     Ledger,
@@ -40,6 +46,8 @@ from reliability_support import (
     skipped,
 )
 from s3_support import Rule, boto3_client
+
+from keys.keyring import Keyring
 
 MiB = 1 << 20
 CRASH_EXIT = 86
@@ -377,13 +385,161 @@ def test_s3_quarantined_packages_do_not_hold_up_the_others(tmp_path: Path, relia
     while len(quarantined) < 2:  # both upload workers now hold a quarantined package
         quarantined.add(agent.wait_for("delivery-quarantined", timeout=60)[0]["recording_id"])
     fine = produce(ledger, setup.capture(), "fine", [5000, 5000, 5000])
-    delivered = agent.wait_for("delivered", count=len(fine), timeout=10)
+    delivered = agent.wait_for("delivered", count=len(fine), timeout=6)
     assert {Path(d["path"]).name for d in delivered} == set(fine)
     fault_proxy.clear()
     drain_running(agent, setup)
     assert agent.stop() == 0
     restart_and_drain(setup)
     assert_zero(check_s3(setup, ledger, moto_server.url, s3_bucket))
+
+
+# -- the key set source down (HTTPS key set server really stopped) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyset_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA.make(tmp_path_factory.mktemp("keyset-ca"))
+
+
+@pytest.fixture
+def keyset_server(keyset_ca: TestCA) -> Iterator[RestartableKeySetServer]:
+    server = RestartableKeySetServer(keyset_ca).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_fs_keyset_source_down_while_running(tmp_path: Path, reliability_keyring: Path, keyset_ca: TestCA,
+                                             keyset_server: RestartableKeySetServer) -> None:
+    """The key service goes away while the agent runs: it keeps sealing to the cached, still valid key
+    (nothing waits), logs and counts every failed refresh, and takes the new (rotated) key set as soon
+    as the service is back. recover: from the fix to the new key in use."""
+    setup = keyset_setup(tmp_path, reliability_keyring, keyset_server, keyset_ca)
+    ring = Keyring.open(setup.keyring)
+    ledger = Ledger("fs-keyset-down")
+    iterations = sized(1, 4)
+    recover, drain, leaked = [], [], []
+    agent = Agent(setup, env={**KEYSET_ENV, **METRICS_ENV})
+    address = agent.wait_for("metrics-listening")[0]["address"]
+    kid = agent.wait_for("key-current")[0]["kid"]
+    assert kid == ring.current().kid
+    agent.wait_for("ready")
+    for it in range(iterations):
+        failures = Scrape.of(address).value("mediaseal_key_refresh_failures_total", reason="KeySetSourceError")
+        keyset_server.stop()  # connections refused from now on
+        agent.wait_for("key-refresh-failed", where=lambda d: "unreachable" in d["error"], timeout=30)
+        names = produce(ledger, setup.capture(), f"s{it}", [5000, 300_000, 0])
+        assert {e["kid"] for e in agent.wait_for("spooled", count=len(names), timeout=60)} == {kid}
+        drain_running(agent, setup, timeout=60)
+        leaked += scan_setup(setup)
+        m = Scrape.of(address)
+        assert m.value("mediaseal_key_refresh_failures_total", reason="KeySetSourceError") > failures
+        assert m.value("mediaseal_intake_paused") == 0 and m.value("mediaseal_current_kid_info", kid=kid) == 1
+        assert http_json(f"http://{address}/readyz")[0] == 200  # a valid key: the agent is fine
+        ring.rotate(PASSPHRASE)  # the key service comes back with a new current key
+        keyset_server.document = ring.publish(PASSPHRASE)
+        keyset_server.start()
+        t0 = time.monotonic()
+        new = ring.current().kid
+        agent.wait_for("key-current", where=lambda d: d["kid"] == new, timeout=30)
+        recover.append(time.monotonic() - t0)
+        names = produce(ledger, setup.capture(), f"n{it}", [5000, 70_000])
+        assert {e["kid"] for e in agent.wait_for("spooled", count=len(names), timeout=60)} == {new}
+        drain_running(agent, setup, timeout=60)
+        drain.append(time.monotonic() - t0)
+        kid = new
+    assert agent.stop() == 0
+    restart_and_drain(setup, env=KEYSET_ENV)
+    check = check_filesystem(setup, ledger)
+    check.plaintext += leaked
+    record(FS, "key set source down while running (HTTPS stopped), back with a rotated set", check, iterations,
+           recover, drain)
+    assert_zero(check)
+
+
+def test_fs_keyset_source_down_past_staleness(tmp_path: Path, reliability_keyring: Path, keyset_ca: TestCA,
+                                              keyset_server: RestartableKeySetServer) -> None:
+    """The key service stays away longer than keys.max_staleness_seconds: the agent says so (a
+    `key-set-stale` line as the set goes stale, not only when a recording arrives), stops sealing,
+    and recordings wait in the capture directory untouched; when the service is back, intake resumes
+    by itself. recover: from the fix to the first delivery."""
+    staleness = 2.0
+    setup = keyset_setup(tmp_path, reliability_keyring, keyset_server, keyset_ca, max_staleness_seconds=staleness)
+    ledger = Ledger("fs-keyset-stale")
+    iterations = sized(1, 4)
+    recover, drain, leaked = [], [], []
+    agent = Agent(setup, env={**KEYSET_ENV, **METRICS_ENV})
+    address = agent.wait_for("metrics-listening")[0]["address"]
+    agent.wait_for("ready")
+    for it in range(iterations):
+        keyset_server.stop()
+        (stale,) = agent.wait_for("key-set-stale", timeout=30)
+        assert "max_staleness_seconds" in stale["error"]
+        sealed = len([ln for ln in agent.lines if '"event": "sealing"' in ln])
+        names = produce(ledger, setup.capture(), f"w{it}", [5000, 300_000, 0])
+        m = wait_metric(address, "mediaseal_intake_paused", 1)  # they reached intake, which waits for a key
+        assert len([ln for ln in agent.lines if '"event": "sealing"' in ln]) == sealed, "sealed to a stale key"
+        waiting = {p.name: hash_of(p) for p in setup.capture().iterdir()}
+        assert waiting == {n: ledger.sha[n] for n in names}  # untouched in the capture directory
+        assert not list(setup.spool.rglob("*.mseal"))
+        leaked += scan_setup(setup)
+        assert m.value("mediaseal_keyset_age_seconds") > staleness
+        status, ready = http_json(f"http://{address}/readyz")
+        assert status == 503 and "max_staleness_seconds" in ready["reason"], ready
+        keyset_server.start()  # back, with the same set (a 304 Not Modified renews it)
+        t0 = time.monotonic()
+        agent.wait_for("key-set-fresh", timeout=30)
+        agent.wait_for("delivered", timeout=60)
+        recover.append(time.monotonic() - t0)
+        drain_running(agent, setup, timeout=60)
+        drain.append(time.monotonic() - t0)
+        assert Scrape.of(address).value("mediaseal_intake_paused") == 0
+    assert agent.stop() == 0
+    restart_and_drain(setup, env=KEYSET_ENV)
+    check = check_filesystem(setup, ledger)
+    check.plaintext += leaked
+    record(FS, "key set source down past max_staleness (intake stops), then back", check, iterations, recover, drain)
+    assert_zero(check)
+
+
+def test_fs_keyset_source_down_at_restart(tmp_path: Path, reliability_keyring: Path, keyset_ca: TestCA,
+                                          keyset_server: RestartableKeySetServer) -> None:
+    """The agent (re)starts while the key service is down. The key set is cached in memory only, so
+    there is no key to seal to: it exits 1 with one line naming the problem (no traceback), seals
+    nothing and leaves the recordings in the capture directory (and a package a crash left in the spool
+    where it is); started again once the service is back (as systemd's Restart= does), it drains."""
+    setup = keyset_setup(tmp_path, reliability_keyring, keyset_server, keyset_ca)
+    ledger = Ledger("fs-keyset-restart")
+    iterations = sized(1, 4)
+    recover, drain, leaked = [], [], []
+    for it in range(iterations):
+        produce(ledger, setup.capture(), f"r{it}", [5000, 300_000, 0])
+        # A run that dies right after committing one package: a spool backlog for the next start.
+        crashed = Agent(setup, env={**KEYSET_ENV, "MEDIASEAL_CRASH_AT": "after-commit:1"})
+        assert crashed.exited(timeout=60) == CRASH_EXIT, "\n".join(crashed.lines[-10:])
+        backlog = sorted(p.name for p in setup.spool.rglob("*.mseal"))
+        assert backlog  # one package (two when the second seal committed before the crash)
+        waiting = {p.name: hash_of(p) for p in setup.capture().iterdir()}
+        keyset_server.stop()
+        refused = Agent(setup, env=KEYSET_ENV)
+        assert refused.exited(timeout=60) == 1, "\n".join(refused.lines[-10:])
+        text = "\n".join(refused.lines)
+        assert "mediaseal: error: no valid public key to encrypt to" in text and "Traceback" not in text, text
+        assert any('"event": "key-refresh-failed"' in ln and "unreachable" in ln for ln in refused.lines), text
+        assert {p.name: hash_of(p) for p in setup.capture().iterdir()} == waiting  # untouched
+        assert sorted(p.name for p in setup.spool.rglob("*.mseal")) == backlog  # kept, not delivered yet
+        leaked += scan_setup(setup)
+        keyset_server.start()
+        r = restart_and_drain(setup, env=KEYSET_ENV)
+        recover.append(r.recover)
+        drain.append(r.drain)
+    check = check_filesystem(setup, ledger)
+    check.plaintext += leaked
+    record(FS, "key set source down at restart (agent refuses to start), then back", check, iterations, recover,
+           drain)
+    assert_zero(check)
 
 
 def test_checker_finds_planted_plaintext_and_orphans(tmp_path: Path, reliability_keyring: Path) -> None:
