@@ -132,6 +132,10 @@ class HttpsSource:
                     raise KeySetSourceError(f"key set {self.url}: HTTP {resp.status} {resp.reason or ''}".rstrip())
                 data = await resp.content.read(MAX_DOCUMENT_SIZE + 1)
                 new_etag = resp.headers.get("ETag")
+        except aiohttp.ClientConnectorError as e:
+            # Its str() names our SSLContext by repr (a memory address in every log line): say it plainly.
+            raise KeySetSourceError(f"key set {self.url} unreachable: cannot connect to {e.host}:{e.port}: "
+                                    f"{_one_line(e.os_error)}") from None
         except aiohttp.ClientError as e:
             raise KeySetSourceError(f"key set {self.url} unreachable: {_one_line(e)}") from None
         except TimeoutError:

@@ -130,6 +130,20 @@ async def test_https_source_needs_the_ca_bundle(server, ring) -> None:
     assert follower.keyset is None and server.hits == 0
 
 
+async def test_https_source_down_is_one_plain_line(ca) -> None:
+    """Connection refused: one line naming the host and the OS error (no object reprs, no addresses)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(KeySetSourceError) as e:
+        await HttpsSource(f"https://127.0.0.1:{port}/keyset.json", ca_bundle=ca.ca_pem).fetch(None)
+    text = str(e.value)
+    assert f"unreachable: cannot connect to 127.0.0.1:{port}: " in text and "object at 0x" not in text, text
+    assert "\n" not in text
+
+
 async def test_rejected_documents(server, ca, ring) -> None:
     """Bad signature, unknown format, no current key, a non-RSA-3072 current key: each refused, old set kept."""
     signer = ed25519.Ed25519PrivateKey.generate()
