@@ -98,6 +98,7 @@ class Pipeline:
         self._cooldown: dict[Path, float] = {}  # path -> monotonic time before which it is skipped
         self._candidates: asyncio.Queue[Candidate] = asyncio.Queue(maxsize=max(1, config.agent.concurrency))
         self._uploads: asyncio.Queue[str] = asyncio.Queue()
+        self._requeues: set[asyncio.TimerHandle] = set()  # quarantined packages, back in _uploads later
         self._space = asyncio.Condition()
         self._cancel = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=config.agent.concurrency + config.repository.concurrency,
@@ -157,6 +158,8 @@ class Pipeline:
                 self.fatal = t.exception()
         stop.set()
         self._cancel.set()  # sealing threads stop at their next chunk; staging files are removed
+        for h in self._requeues:  # quarantined packages keep their manifests: re-probed on the next start
+            h.cancel()
         for t in tasks:
             if t not in self._busy:  # idle workers wait on a queue: nothing to finish
                 t.cancel()
@@ -348,6 +351,14 @@ class Pipeline:
 
     # -- delivery --------------------------------------------------------------------------------
 
+    def _requeue_later(self, rid: str, delay: float) -> None:
+        def requeue() -> None:
+            self._requeues.discard(handle)
+            self._uploads.put_nowait(rid)
+
+        handle = asyncio.get_running_loop().call_later(delay, requeue)
+        self._requeues.add(handle)
+
     async def _upload_worker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             rid = await self._uploads.get()
@@ -403,8 +414,10 @@ class Pipeline:
                 log.warning("delivery-retry" if e.transient else "delivery-quarantined",
                             extra={"fields": {**fields, "error": str(e), "retry_in": round(delay, 1)}})
                 if not e.transient:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                    # Back in the queue later, and this worker free now: a quarantined package must not
+                    # hold an upload worker, or `repository.concurrency` of them stop every delivery.
+                    self._requeue_later(m.recording_id, delay)
+                    return
                 continue
             m.state = VERIFIED
             # Confirmed by identity (a hard link to the spool's own inode): a replay of this delivery
