@@ -217,7 +217,7 @@ class Pipeline:
             return
         if self.spool.is_kept(rid):
             return
-        metrics.DISCOVERED.labels(w.kind).inc()
+        metrics.DISCOVERED.labels(w.kind).inc()  # here, not in the watcher, which may emit a file twice
         need = package_estimate(cand.identity.size, self.chunk_size)
         if not self.spool.fits_ever(need):
             metrics.FAILED.labels("intake", "too-large-for-spool").inc()

@@ -42,7 +42,7 @@ from pathlib import Path
 from watchfiles import Change, awatch
 
 from agent.config import WatchConfig
-from agent.metrics import DISCOVERED, RESCANS, UNREADABLE
+from agent.metrics import RESCANS, UNREADABLE
 
 __all__ = ["Candidate", "FileIdentity", "Watcher", "is_temp_name"]
 
@@ -188,7 +188,6 @@ class Watcher:
                             # news of it before the next full scan (rescan_seconds, 30 s by default).
                             self._scanner.later(cand, self._clock() + _BUSY_RECHECK)
                         continue
-                    DISCOVERED.labels(kind=cand.watch.kind).inc()
                     log.debug("complete", extra={"fields": {"path": str(cand.path)}})
                     await out.put(cand)
         finally:

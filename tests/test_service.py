@@ -248,6 +248,7 @@ def test_health_metrics_readiness_and_status_while_running(setup: Setup) -> None
         assert status == 200 and ctype.startswith("text/plain")
         assert 'mediaseal_recordings_delivered_total{kind="call"} 1.0' in text
         assert 'mediaseal_recordings_encrypted_total{kind="call"} 1.0' in text
+        assert 'mediaseal_recordings_discovered_total{kind="call"} 1.0' in text  # once, not per component
         for name in ("mediaseal_bytes_in_total 40000.0", "mediaseal_oldest_undelivered_age_seconds 0.0",
                      "mediaseal_packages_quarantined 0.0", "mediaseal_ready 1.0", "mediaseal_spool_packages 0.0",
                      "mediaseal_current_kid_info{kid=", "mediaseal_keyset_age_seconds ",
