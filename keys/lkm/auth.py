@@ -476,8 +476,11 @@ def hawk_mac(key: bytes, normalized: str) -> str:
 def hawk_payload_hash(payload: bytes, content_type: str) -> str:
     """base64(SHA-256("hawk.1.payload\\n" + media type, lower case, no parameters + "\\n" + payload + "\\n"))."""
     media_type = content_type.split(";", 1)[0].strip().lower()
+    # surrogateescape: a Content-Type that is not UTF-8 arrives as lone surrogates; hash the bytes as sent
+    # (it then just does not match) rather than fail to encode them (that was a 500 and a traceback).
     return base64.b64encode(hashlib.sha256(
-        b"hawk.1.payload\n" + media_type.encode("utf-8") + b"\n" + payload + b"\n").digest()).decode("ascii")
+        b"hawk.1.payload\n" + media_type.encode("utf-8", "surrogateescape") + b"\n" + payload + b"\n").digest(),
+    ).decode("ascii")
 
 
 def hawk_timestamp_mac(key: bytes, ts: int) -> str:
