@@ -370,6 +370,7 @@ def _check_plaintext(g: Guarded, what: str, got: bytes | None, want: bytes) -> N
         g.fail(f"{what}: a mutated package decrypted to other bytes")
 
 
+@pytest.mark.timeout(1800 if reliability_support.SOAK else 300)
 def test_figures_header_parser(corpus) -> None:
     """Header parser (parse_header, read_header over a short-reading stream) on random bytes, on random
     bytes behind a plausible prefix, and on mutated valid headers."""
@@ -402,6 +403,7 @@ def test_figures_header_parser(corpus) -> None:
         run()
 
 
+@pytest.mark.timeout(1800 if reliability_support.SOAK else 300)
 def test_figures_full_decrypt(corpus) -> None:
     """Whole-package decryption (decrypt_stream, and open_package + verify/decrypt_to) of mutated valid
     packages: only codec errors, and whatever decrypts is the original plaintext."""
@@ -435,6 +437,7 @@ def test_figures_full_decrypt(corpus) -> None:
         run()
 
 
+@pytest.mark.timeout(1800 if reliability_support.SOAK else 300)
 def test_figures_range_decrypt(corpus) -> None:
     """Ranged decryption (PackageReader seeks: decrypt_to / iter_range at an offset) of mutated packages,
     at offsets inside, at the edges of and past the plaintext."""
