@@ -21,6 +21,8 @@
 - Opened packages (header and derived keys, never plaintext) are kept in memory for 30 s (64 at
   most), so a player's stream of Range requests costs one ranged GET each; a revoked key (KMS) or a
   replaced object therefore takes up to 30 s to show. Reads stay pinned to the object's ETag.
+- A connection that has not sent a whole request within 15 s (KEEPALIVE_SECONDS) of opening or of its
+  last answer is closed (slow and idle clients); a request it can't parse is a 400, logged in one line.
 - Audit: one JSON line per request (ts, remote, who, method, key, range asked, range served, status,
   bytes sent, ms, error) appended to a 0600 file; never a key, a token or a byte of media.
 """
