@@ -9,6 +9,10 @@ signed key set (file, https:// with an optional CA bundle, s3://; keys.sources),
 pinned signer, refreshed with ETags, and never rolled back to a lower serial. The last valid key
 stays in use through outages of its source (or a rejected set) until it is older than
 `max_staleness_seconds`; then intake stops, with a `key-set-stale` log line.
+
+`cache=PATH` (the agent uses `<buffer.path>/keyset.json`) keeps the accepted set across restarts: an
+agent restarted while its key source is down starts with it (its age counted from when the source
+last confirmed it), and a restarted agent still refuses a set with a lower serial.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ class NoValidKeyError(Exception):
 
 
 class PublicKeys:
-    def __init__(self, config: KeysConfig) -> None:
+    def __init__(self, config: KeysConfig, *, cache: Path | None = None) -> None:
         self.config = config
+        self.cache = cache
         self._recipient: codec.Recipient | None = None
         self._loaded_at = 0.0  # monotonic time of the last successful load
         self._changed = asyncio.Event()
@@ -58,7 +63,15 @@ class PublicKeys:
             source = open_source(self.config.keyset, ca_bundle=self.config.ca_bundle)
         except ValueError as e:
             raise NoValidKeyError(str(e)) from None
-        return KeySetFollower(source, signer)
+        follower = KeySetFollower(source, signer, cache=self.cache)
+        try:
+            restored = follower.restore()
+        except KeysError as e:  # unreadable, tampered, expired: fetched afresh (and then overwritten)
+            log.warning("keyset-restore-failed", extra={"fields": {"path": str(self.cache), "error": str(e)}})
+        else:
+            if restored is not None:
+                _log_keyset(restored, f"saved copy {self.cache}")
+        return follower
 
     async def _load_keyset(self) -> codec.Recipient:
         if self._follower is None:
@@ -81,10 +94,21 @@ class PublicKeys:
             metrics.KEY_REFRESH_FAILURES.labels(reason).inc()
             log.warning("key-refresh-failed",
                         extra={"fields": {"error": str(e) or reason}})
+            saved = self._follower
+            if self._recipient is None and saved is not None and saved.keyset is not None:
+                # The source is down at start but the set saved by an earlier run passed every check:
+                # seal to it, aged from when the source last confirmed it.
+                age = max(0.0, time.time() - (saved.confirmed_at or 0.0))
+                self._adopt(saved.keyset.recipient(), time.monotonic() - age)
+                return True
             return False
+        self._adopt(recipient, time.monotonic())
+        return True
+
+    def _adopt(self, recipient: codec.Recipient, loaded_at: float) -> None:
         previous = self._recipient
-        self._recipient, self._loaded_at = recipient, time.monotonic()
-        if self._stale:
+        self._recipient, self._loaded_at = recipient, loaded_at
+        if self._stale and time.monotonic() - loaded_at <= self.config.max_staleness_seconds:
             self._stale = False
             log.info("key-set-fresh", extra={"fields": {"kid": recipient.kid}})
         if previous is None or previous.kid != recipient.kid:
@@ -94,7 +118,6 @@ class PublicKeys:
             log.info("key-current", extra={"fields": {"kid": recipient.kid}})
         self._changed.set()
         self._changed = asyncio.Event()
-        return True
 
     def current(self) -> codec.Recipient | None:
         """The key to seal to now, or None if there is none or it is older than allowed."""

@@ -95,7 +95,7 @@ async def _serve(config: Config, service: AgentService, *, announce: bool) -> in
         loop.add_signal_handler(sig, stop.set)
     service.watch_stop(stop)
     service.set_phase("loading keys")
-    keys = PublicKeys(config.keys)
+    keys = PublicKeys(config.keys, cache=config.buffer.path / "keyset.json")
     if not await keys.refresh():
         print("mediaseal: error: no valid public key to encrypt to (see the log line above)", file=sys.stderr)
         return 1

@@ -16,11 +16,17 @@ current key, RSA-3072), it has not expired, and its serial is not lower than the
 (KeySetRollbackError: an old, validly signed set replayed). Anything else raises a KeySetError
 subclass whose class name is the failure's reason, and the last valid set stays in use.
 Only public keys ever pass through here.
+
+With `cache=PATH` the follower keeps the set in use on disk (the signed document as fetched, 0600,
+written atomically; its mtime is when the source last confirmed it). `restore()` reads it back at
+start: it is checked exactly like a fetched document, and then it is both the key to use while the
+source is down and the floor for the rollback check, so a restart does not forget the serial.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import ssl
@@ -209,12 +215,59 @@ def open_source(spec: str, *, ca_bundle: Path | None = None, endpoint_url: str |
 class KeySetFollower:
     """The last valid key set from one source, refreshed on request (see the module docstring)."""
 
-    def __init__(self, source: KeySetSource, signer: ed25519.Ed25519PublicKey) -> None:
+    def __init__(self, source: KeySetSource, signer: ed25519.Ed25519PublicKey, *, cache: Path | None = None) -> None:
         self.source = source
         self.signer = signer
+        self.cache = cache
         self.keyset: KeySet | None = None  # the set in use: the last one that passed every check
         self.etag: str | None = None
         self.digest: str | None = None  # SHA-256 of the document in use
+        self.confirmed_at: float | None = None  # wall-clock time the source last served or confirmed it
+
+    def restore(self, now: datetime | None = None) -> KeySet | None:
+        """The set a previous run kept in `cache`, if it still passes every check (else None)."""
+        if self.cache is None:
+            return None
+        try:
+            data = self.cache.read_bytes()
+            mtime = self.cache.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise KeySetSourceError(f"saved key set {self.cache}: {e.strerror}") from None
+        _check_size(data, str(self.cache))
+        keyset = verify_keyset(data, self.signer, now=now or datetime.now(UTC))
+        self.keyset, self.etag = keyset, None
+        self.digest = hashlib.sha256(data).hexdigest()
+        self.confirmed_at = min(mtime, (now or datetime.now(UTC)).timestamp())
+        return keyset
+
+    def _save(self, data: bytes) -> None:
+        """Atomically replace the cache (temp, fsync, rename, fsync dir): a crash leaves old or new."""
+        if self.cache is None:
+            return
+        self.cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.cache.with_name(f".{self.cache.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.cache)
+        dfd = os.open(self.cache.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _confirmed(self) -> None:
+        self.confirmed_at = datetime.now(UTC).timestamp()
+        if self.cache is not None:
+            # The source still serves it: its age restarts (no fsync needed). A failure only makes the
+            # age after a restart count from the older mtime.
+            with contextlib.suppress(OSError):
+                os.utime(self.cache)
 
     async def refresh(self, now: datetime | None = None) -> KeySet:
         """Fetch and check; returns the set in use (new or unchanged). Raises KeySetError, keeping the old set."""
@@ -225,13 +278,25 @@ class KeySetFollower:
             if now > self.keyset.expires_at:
                 raise KeySetExpiredError(f"key set serial {self.keyset.serial} from {self.source.location} expired"
                                          f" at {format_time(self.keyset.expires_at)} and was not replaced")
+            self._confirmed()
             return self.keyset
         keyset = verify_keyset(fetched.data, self.signer, now=now)
         if self.keyset is not None and keyset.serial < self.keyset.serial:
             raise KeySetRollbackError(f"key set from {self.source.location} has serial {keyset.serial}, lower than"
                                       f" the serial {self.keyset.serial} in use: refused (rollback)")
-        self.keyset, self.etag = keyset, fetched.etag
-        self.digest = hashlib.sha256(fetched.data).hexdigest()
+        digest, previous = hashlib.sha256(fetched.data).hexdigest(), self.digest
+        self.keyset, self.etag, self.digest = keyset, fetched.etag, digest
+        if digest == previous:
+            self._confirmed()
+            return keyset
+        self.confirmed_at = datetime.now(UTC).timestamp()
+        try:
+            await asyncio.to_thread(self._save, fetched.data)
+        except OSError as e:
+            # In use all the same (the next refresh confirms it); only a restart would fall back to
+            # the older saved set, which is still signed and checked, then fetch this one again.
+            raise KeySetSourceError(f"key set serial {keyset.serial} is in use but could not be saved to"
+                                    f" {self.cache}: {e.strerror}") from None
         return keyset
 
 

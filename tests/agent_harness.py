@@ -214,7 +214,9 @@ def decrypt_all(repository: Path, keyring: Path) -> dict[str, list[str]]:
 
 
 def spool_files(spool: Path) -> list[Path]:
-    return [p for p in spool.rglob("*") if p.is_file() and p.parent.name != "kept"]
+    """The spool's work in progress: staging files, packages, manifests (not `kept/` markers, nor the
+    saved key set `keyset.json`, which stay by design)."""
+    return [p for p in spool.rglob("*") if p.is_file() and p.parent.name != "kept" and p != spool / "keyset.json"]
 
 
 def make_keyring(path: Path, template: Path | None = None) -> Path:

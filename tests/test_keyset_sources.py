@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,62 @@ def test_open_source_rejects_other_schemes() -> None:
         open_source("http://example.net/keyset.json")
     assert isinstance(open_source("/etc/mediaseal/keyset.json"), FileSource)
     assert isinstance(open_source("https://keys.example.net/ks.json", ca_bundle=Path("/ca.pem")), HttpsSource)
+
+
+# -- the saved copy (a restart remembers the set and its serial) ------------------------------------------
+
+
+async def test_saved_key_set_survives_a_restart_with_its_serial(server, ca, ring, tmp_path) -> None:
+    cache = tmp_path / "buffer" / "keyset.json"
+    first = ring.publish(None)
+    ring.rotate(None)
+    second = ring.publish(None)
+    server.document = second
+    follower = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
+    assert follower.restore() is None  # nothing saved yet
+    ks2 = await follower.refresh()
+    assert cache.read_bytes() == second and cache.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in cache.parent.iterdir()] == ["keyset.json"]  # no temp file left
+
+    # A restart: a new follower over the same cache knows serial 2 before fetching anything ...
+    again = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
+    restored = again.restore()
+    assert restored is not None and restored.serial == ks2.serial and restored.current == ks2.current
+    assert again.confirmed_at is not None and abs(again.confirmed_at - cache.stat().st_mtime) < 1
+    server.document = first  # ... so an older, validly signed set replayed to it is refused
+    with pytest.raises(KeySetRollbackError, match="serial 1, lower than the serial 2"):
+        await again.refresh()
+    assert cache.read_bytes() == second  # and not saved over the newer one
+
+
+async def test_a_tampered_saved_key_set_is_refused_and_replaced(server, ca, ring, tmp_path) -> None:
+    cache = tmp_path / "keyset.json"
+    cache.write_bytes(tampered(ring.publish(None)))
+    follower = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
+    with pytest.raises(BadSignatureError):
+        follower.restore()
+    assert follower.keyset is None
+    server.document = ring.publish(None)
+    await follower.refresh()
+    assert cache.read_bytes() == server.document
+
+
+async def test_agent_keys_start_from_the_saved_set_when_the_source_is_down(server, ca, ring, tmp_path,
+                                                                           caplog) -> None:
+    signer_pem = tmp_path / "signer.pem"
+    signer_pem.write_bytes(ring.signer_pem())
+    cache = tmp_path / "keyset.json"
+    config = KeysConfig(keyset=server.url, signer=signer_pem, ca_bundle=ca.ca_pem, max_staleness_seconds=3600)
+    server.document = ring.publish(None)
+    assert await PublicKeys(config, cache=cache).refresh()
+    os.utime(cache, (time.time() - 600, time.time() - 600))  # last confirmed ten minutes ago
+    server.stop()
+    keys = PublicKeys(config, cache=cache)
+    assert await keys.refresh()  # the source is down, the saved set serves
+    current = keys.current()
+    assert current is not None and current.kid == ring.current().kid
+    assert any(r.getMessage() == "key-refresh-failed" for r in caplog.records)
+    stale = PublicKeys(KeysConfig(keyset=server.url, signer=signer_pem, ca_bundle=ca.ca_pem,
+                                  max_staleness_seconds=60), cache=cache)
+    assert await stale.refresh() and stale.current() is None  # older than allowed: intake would wait
+    assert not await PublicKeys(config, cache=tmp_path / "none.json").refresh()  # nothing saved: no key

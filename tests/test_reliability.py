@@ -503,10 +503,10 @@ def test_fs_keyset_source_down_past_staleness(tmp_path: Path, reliability_keyrin
 
 def test_fs_keyset_source_down_at_restart(tmp_path: Path, reliability_keyring: Path, keyset_ca: TestCA,
                                           keyset_server: RestartableKeySetServer) -> None:
-    """The agent (re)starts while the key service is down. The key set is cached in memory only, so
-    there is no key to seal to: it exits 1 with one line naming the problem (no traceback), seals
-    nothing and leaves the recordings in the capture directory (and a package a crash left in the spool
-    where it is); started again once the service is back (as systemd's Restart= does), it drains."""
+    """The agent restarts while the key service is down. It starts with the key set it saved
+    (`<buffer>/keyset.json`, checked like a fetched one), seals what waits in the capture directory,
+    delivers the backlog a crash left in the spool, and counts the failed refreshes; nothing waits for
+    the service. recover: restart -> ready; drain: restart -> everything delivered (service still down)."""
     setup = keyset_setup(tmp_path, reliability_keyring, keyset_server, keyset_ca)
     ledger = Ledger("fs-keyset-restart")
     iterations = sized(1, 4)
@@ -516,8 +516,34 @@ def test_fs_keyset_source_down_at_restart(tmp_path: Path, reliability_keyring: P
         # A run that dies right after committing one package: a spool backlog for the next start.
         crashed = Agent(setup, env={**KEYSET_ENV, "MEDIASEAL_CRASH_AT": "after-commit:1"})
         assert crashed.exited(timeout=60) == CRASH_EXIT, "\n".join(crashed.lines[-10:])
-        backlog = sorted(p.name for p in setup.spool.rglob("*.mseal"))
-        assert backlog  # one package (two when the second seal committed before the crash)
+        assert sorted(p.name for p in setup.spool.rglob("*.mseal"))  # the backlog
+        assert (setup.spool / "keyset.json").stat().st_mode & 0o777 == 0o600
+        keyset_server.stop()
+        r = restart_and_drain(setup, env=KEYSET_ENV)  # the service stays down throughout
+        text = "\n".join(r.agent.lines)
+        assert '"event": "key-refresh-failed"' in text and "saved copy" in text and "Traceback" not in text, text
+        leaked += scan_setup(setup)
+        recover.append(r.recover)
+        drain.append(r.drain)
+        keyset_server.start()
+    check = check_filesystem(setup, ledger)
+    check.plaintext += leaked
+    record(FS, "key set source down at restart (starts with the saved set)", check, iterations, recover, drain)
+    assert_zero(check)
+
+
+def test_fs_keyset_source_down_at_first_start(tmp_path: Path, reliability_keyring: Path, keyset_ca: TestCA,
+                                              keyset_server: RestartableKeySetServer) -> None:
+    """The very first start with the key service down: no key set was ever saved, so there is no key to
+    seal to. It exits 1 with one line naming the problem (no traceback), seals nothing and leaves the
+    recordings where they are; started again once the service is back (systemd's Restart=), it drains."""
+    setup = keyset_setup(tmp_path, reliability_keyring, keyset_server, keyset_ca)
+    ledger = Ledger("fs-keyset-first")
+    iterations = sized(1, 4)
+    recover, drain = [], []
+    for it in range(iterations):
+        (setup.spool / "keyset.json").unlink(missing_ok=True)  # as on a new host
+        produce(ledger, setup.capture(), f"f{it}", [5000, 300_000, 0])
         waiting = {p.name: hash_of(p) for p in setup.capture().iterdir()}
         keyset_server.stop()
         refused = Agent(setup, env=KEYSET_ENV)
@@ -526,16 +552,14 @@ def test_fs_keyset_source_down_at_restart(tmp_path: Path, reliability_keyring: P
         assert "mediaseal: error: no valid public key to encrypt to" in text and "Traceback" not in text, text
         assert any('"event": "key-refresh-failed"' in ln and "unreachable" in ln for ln in refused.lines), text
         assert {p.name: hash_of(p) for p in setup.capture().iterdir()} == waiting  # untouched
-        assert sorted(p.name for p in setup.spool.rglob("*.mseal")) == backlog  # kept, not delivered yet
-        leaked += scan_setup(setup)
+        assert not list(setup.spool.rglob("*.mseal"))
         keyset_server.start()
         r = restart_and_drain(setup, env=KEYSET_ENV)
         recover.append(r.recover)
         drain.append(r.drain)
     check = check_filesystem(setup, ledger)
-    check.plaintext += leaked
-    record(FS, "key set source down at restart (agent refuses to start), then back", check, iterations, recover,
-           drain)
+    record(FS, "key set source down at first start (agent refuses to start), then back", check, iterations,
+           recover, drain)
     assert_zero(check)
 
 
