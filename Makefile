@@ -46,7 +46,7 @@ bench-peers: $(STAMP)  ## mediaseal vs age CLI, pyrage, tink-py, AWS Encryption 
 
 soak: $(STAMP)  ## the long crash/fault loops
 	MEDIASEAL_SOAK=1 $(PY) -m pytest -q -m slow tests
-	MEDIASEAL_SOAK=1 MEDIASEAL_RELIABILITY_REPORT=1 $(PY) -m pytest -q -rxs tests/test_reliability*.py
+	MEDIASEAL_SOAK=1 MEDIASEAL_RELIABILITY_REPORT=1 $(PY) -m pytest -q -rxs tests/test_reliability*.py tests/test_codec_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
