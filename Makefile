@@ -45,7 +45,6 @@ bench-peers: $(STAMP)  ## mediaseal vs age CLI, pyrage, tink-py, AWS Encryption 
 	$(PY) -m pytest benchmarks/test_peers.py -q --benchmark-enable --benchmark-only -p no:cacheprovider -s -rs
 
 soak: $(STAMP)  ## the long crash/fault loops
-	MEDIASEAL_SOAK=1 $(PY) -m pytest -q -m slow tests
 	MEDIASEAL_SOAK=1 MEDIASEAL_RELIABILITY_REPORT=1 $(PY) -m pytest -q -rxs tests/test_reliability*.py tests/test_codec_fuzz.py
 
 clean:
