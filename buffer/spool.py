@@ -152,14 +152,17 @@ class Spool:
     def commit(self, staged: Path, manifest: Manifest, reservation: Reservation) -> Manifest:
         """Move a sealed, fsynced staging file into packages/ and write its manifest.
 
-        The package is renamed into place first and the manifest written second: recovery treats a
-        package without a manifest as not committed (it is removed and the source, still present, is
-        sealed again), so the manifest is the commit point.
+        The package is renamed into place first and the manifest second, and one directory fsync makes
+        both durable; only then may the source be disposed. A crash before that fsync leaves either
+        rename or both: a package without a manifest is not committed (removed; the source, still
+        present, is sealed again), and a manifest without its package whose source is still there
+        unchanged is not committed either (removed the same way; see `recover`).
         """
         package = self.package_path(manifest.recording_id)
+        tmp = self._write_manifest_tmp(manifest)
         os.rename(staged, package)
+        os.rename(tmp, self._manifest_path(manifest.recording_id))
         _fsync_dir(self._packages)
-        self._write_manifest(manifest)
         with self._lock:
             if not reservation.released:
                 reservation.released = True
@@ -253,6 +256,13 @@ class Spool:
                 os.unlink(entry.path)
         for m in self.manifests():
             if not self.package_path(m.recording_id).exists():
+                if m.state == SPOOLED and not self.is_kept(m.recording_id) and _source_unchanged(m):
+                    # The manifest's rename reached the disk and the package's did not (commit's one
+                    # fsync never ran): not committed, and the source was not disposed. Removing the
+                    # manifest lets the source be sealed again, instead of disposed with no package.
+                    log.warning("removing uncommitted manifest", extra={"fields": {"recording_id": m.recording_id}})
+                    self._manifest_path(m.recording_id).unlink()
+                    continue
                 if m.state != VERIFIED:
                     # Never expected: packages leave only after verification. Keep the manifest as
                     # evidence and say so loudly rather than guess.
@@ -274,7 +284,10 @@ class Spool:
         return self._packages / f"{recording_id}.json"
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        final = self._manifest_path(manifest.recording_id)
+        os.rename(self._write_manifest_tmp(manifest), self._manifest_path(manifest.recording_id))
+        _fsync_dir(self._packages)
+
+    def _write_manifest_tmp(self, manifest: Manifest) -> Path:
         tmp = self._packages / f".{manifest.recording_id}.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -282,8 +295,17 @@ class Spool:
             _fsync(fd, tmp)
         finally:
             os.close(fd)
-        os.rename(tmp, final)
-        _fsync_dir(self._packages)
+        return tmp
+
+
+def _source_unchanged(m: Manifest) -> bool:
+    """Whether the manifest's source is still in place with the identity it was sealed from."""
+    try:
+        st = os.stat(m.source, follow_symlinks=False)
+    except OSError:
+        return False
+    now = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return bool(m.identity) and all(m.identity.get(k) == v for k, v in now.items())
 
 
 def _fsync(fd: int, what: Path) -> None:

@@ -46,3 +46,29 @@ def test_replayable_release_interrupted_either_side_of_its_fsync(tmp_path: Path)
     assert again.recover() == ["before"]
     assert sorted(p.name for p in (root / "packages").iterdir()) == ["before.json", "before.mseal"]
     assert again.package_count == 1
+
+
+def test_commit_interrupted_before_its_fsync_with_only_the_manifest_on_disk(tmp_path: Path) -> None:
+    """commit renames the package, then the manifest, then fsyncs once. Had only the manifest's rename
+    reached the disk, its source is still there unchanged (disposal waits for that fsync): recovery
+    drops the manifest, so the source is sealed again rather than disposed with no package. With the
+    source gone, the manifest stays as evidence (a package lost some other way), loudly."""
+    root = tmp_path / "spool"
+    spool = Spool(root, 1 << 30, min_free_bytes=0)
+    (tmp_path / "capture").mkdir()
+    for rid in ("interrupted", "lost"):
+        source = tmp_path / "capture" / f"{rid}.wav"
+        source.write_bytes(b"plain")
+        st = source.stat()
+        m = committed(spool, rid)
+        m.source = str(source)
+        m.identity = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                      "ctime_ns": st.st_ctime_ns}
+        spool.update(m)
+    # "interrupted": the package's rename never reached the disk; "lost": disposed, then its package removed.
+    os.rename(root / "packages" / "interrupted.mseal", root / "staging" / "interrupted.mseal.part")
+    (root / "packages" / "lost.mseal").unlink()
+    (tmp_path / "capture" / "lost.wav").unlink()
+    assert Spool(root, 1 << 30, min_free_bytes=0).recover() == []
+    assert sorted(p.name for p in (root / "packages").iterdir()) == ["lost.json"]
+    assert (tmp_path / "capture" / "interrupted.wav").read_bytes() == b"plain"  # sealed again from here
