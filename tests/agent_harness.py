@@ -141,9 +141,10 @@ class Agent:
             self.events.put(doc if isinstance(doc, dict) else {"event": "_text", "text": line})
         self.events.put({"event": "_exit"})
 
-    def wait_for(self, event: str, timeout: float = 60.0, where: Callable[[dict[str, Any]], bool] | None = None,
-                 count: int = 1) -> list[dict[str, Any]]:
-        """Block until `count` log events named `event` (matching `where`) have arrived."""
+    def wait_for(self, event: str | tuple[str, ...], timeout: float = 60.0,
+                 where: Callable[[dict[str, Any]], bool] | None = None, count: int = 1) -> list[dict[str, Any]]:
+        """Block until `count` log events named `event` (or any of several names; matching `where`) arrived."""
+        names = (event,) if isinstance(event, str) else event
         deadline = time.monotonic() + timeout
         got: list[dict[str, Any]] = []
         while len(got) < count:
@@ -155,10 +156,10 @@ class Agent:
                 doc = self.events.get(timeout=left)
             except queue.Empty:
                 continue
-            if doc.get("event") == "_exit" and event != "_exit":
+            if doc.get("event") == "_exit" and "_exit" not in names:
                 raise AssertionError(f"agent exited ({self.proc.wait()}) while waiting for {event!r}:\n"
                                      + "\n".join(self.lines[-15:]))
-            if doc.get("event") == event and (where is None or where(doc)):
+            if doc.get("event") in names and (where is None or where(doc)):
                 got.append(doc)
         return got
 

@@ -110,10 +110,11 @@ def pending(setup: Setup) -> bool:
 
 
 def drain_running(agent: Agent, setup: Setup, timeout: float = 180.0) -> None:
-    """Wait (on the agent's own "delivered" events) until capture directories and spool are empty."""
+    """Wait (on the agent's own "delivered" and "disposed" events: they come in either order) until
+    capture directories and spool are empty."""
     deadline = time.monotonic() + timeout
     while pending(setup):
-        agent.wait_for("delivered", timeout=max(1.0, deadline - time.monotonic()))
+        agent.wait_for(("delivered", "disposed"), timeout=max(1.0, deadline - time.monotonic()))
 
 
 # -- the checker ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def no_multipart_left(endpoint: str, bucket: str) -> bool:
 def wait_drained(agent: Agent, setup: Setup, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while list(setup.capture().iterdir()) or spool_files(setup.spool):
-        agent.wait_for("delivered", timeout=max(1.0, deadline - time.monotonic()))
+        agent.wait_for(("delivered", "disposed"), timeout=max(1.0, deadline - time.monotonic()))
 
 
 def test_thirty_recordings_arrive_with_metadata_and_sse(tmp_path: Path, keyring_template: Path,

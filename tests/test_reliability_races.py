@@ -198,7 +198,7 @@ class Race:
         while self.leftovers():
             if time.monotonic() > deadline:
                 raise AssertionError(f"not drained: {self.leftovers()[:5]}")
-            agent.wait_for("delivered", timeout=max(1.0, deadline - time.monotonic()))
+            agent.wait_for(("delivered", "disposed"), timeout=max(1.0, deadline - time.monotonic()))
             skip_queued(agent)  # deliveries come in bursts: look at the files once per burst, not per event
 
     def finish(self, fault: str, iterations: int, agent: Agent) -> Check:
@@ -625,7 +625,8 @@ def test_undecodable_name_does_not_blind_the_watcher(tmp_path: Path, race_keyrin
     (ev,) = agent.wait_for("watch-events-unavailable", timeout=10)
     assert "decode" in ev["error"], ev  # the real error, not "unhandled errors in a TaskGroup"
     agent.wait_for("delivered", where=at(good), timeout=10)
+    agent.wait_for("delivered", where=lambda e: "undecodable-" in e["path"], timeout=30)
     assert agent.stop() == 0
-    assert os.path.exists(bad)  # not delivered (see the report of issue 9), but never removed undelivered
+    assert not os.path.exists(bad)  # delivered (its name's bytes kept as \\xNN text), then disposed
     assert {n: len(hs) for n, hs in decrypt_all(race.setup.repository, race.setup.keyring).items()} == {
-        good.name: 1}
+        good.name: 1, "undecodable-\\xff\\xfe.bin": 1}
