@@ -159,7 +159,7 @@ class FileSource:
         p = self.path(key)
         try:
             st = await asyncio.to_thread(os.stat, p)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no such key, or a key below a file
             raise SourceNotFoundError(f"no package {self.url}/{key}") from None
         except OSError as e:
             raise SourceError(f"cannot read {p}: {e.strerror}") from None
@@ -181,7 +181,7 @@ class FileSource:
         p = self.path(key)
         try:
             fd = await asyncio.to_thread(os.open, p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise SourceNotFoundError(f"no package {self.url}/{key}") from None
         except OSError as e:
             raise SourceError(f"cannot read {p}: {e.strerror}") from None
