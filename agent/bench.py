@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlparse
 
 import codec
 from agent import argtypes
+from buffer.spool import StagingFile
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -217,7 +218,8 @@ def measure_spool(work: Path, recipient: codec.Recipient, opts: BenchOptions) ->
 
         def run() -> None:
             with open(source, "rb", buffering=0) as f, open(sealed, "wb", buffering=0) as g:
-                codec.seal(f, g, header, keys, digest=digest)
+                # Through the spool's StagingFile, as the agent writes (disk writeback started early).
+                codec.seal(f, StagingFile(g), header, keys, digest=digest)
                 if opts.fsync:
                     os.fsync(g.fileno())
 

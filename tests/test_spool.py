@@ -72,3 +72,17 @@ def test_commit_interrupted_before_its_fsync_with_only_the_manifest_on_disk(tmp_
     assert Spool(root, 1 << 30, min_free_bytes=0).recover() == []
     assert sorted(p.name for p in (root / "packages").iterdir()) == ["lost.json"]
     assert (tmp_path / "capture" / "interrupted.wav").read_bytes() == b"plain"  # sealed again from here
+
+
+def test_staging_file_starts_writeback_and_keeps_every_byte(tmp_path: Path) -> None:
+    """Writes past WRITEBACK_STEP ask the kernel to start writing (Linux); the bytes are the same."""
+    from buffer import spool as spool_module
+
+    spool = Spool(tmp_path / "spool", 1 << 30, min_free_bytes=0)
+    data = os.urandom(spool_module.WRITEBACK_STEP * 2 + 12345)
+    with spool.staging("big") as (f, path):
+        for i in range(0, len(data), 1 << 20):
+            assert f.write(memoryview(data)[i:i + (1 << 20)]) == min(1 << 20, len(data) - i)
+        assert f._started == spool_module.WRITEBACK_STEP * 2  # two ranges handed to the kernel
+    assert path.read_bytes() == data and path.stat().st_mode & 0o777 == 0o600
+    assert (spool_module._sync_file_range is not None) == os.uname().sysname.startswith("Linux")
