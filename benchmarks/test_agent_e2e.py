@@ -124,3 +124,59 @@ def test_e2e_small_file_rate(benchmark: Any, agent_setup: Any, bench_dir: str) -
                       paired, SMALL * SMALL_COUNT, "per-file copy+fsync")
     benchmark.extra_info.update(recordings_per_second=round(rate, 1), target_recordings_per_second=200,
                                 elapsed_s=round(time.perf_counter() - t0, 1))
+
+
+BACKLOG = int(os.environ.get("MEDIASEAL_BENCH_BACKLOG", "10000"))
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """Peak resident set of a live process (VmHWM, KiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_startup_with_a_backlog(benchmark: Any, bench_dir: str) -> None:
+    """A start with 10,000 complete recordings waiting (an agent back after an outage): time to `ready`,
+    to the first delivery and to the last, and peak RSS against the same agent started idle. Latency and
+    memory, not throughput: reported as figures, with the idle start as the memory baseline."""
+    from benchmarks._support import emit
+
+    root = Path(bench_dir) / "backlog"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    setup = Setup(root=root, keyring=make_keyring(root / "keyring"),
+                  watches=[{"path": str(root / "capture"), "kind": "call", "completion": "rename"}])
+    idle = Agent(setup)
+    idle.wait_for("ready")
+    idle.wait_for("rescan-done")
+    idle_kib = _vm_hwm_kib(idle.proc.pid)
+    assert idle.stop() == 0
+    payload = os.urandom(4096)
+    for i in range(BACKLOG):
+        (setup.capture() / f"r{i:05d}.bin").write_bytes(payload)
+    figures: dict[str, float] = {}
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        agent = Agent(setup)
+        agent.wait_for("ready", timeout=300)
+        figures["ready_s"] = time.perf_counter() - t0
+        agent.wait_for("delivered", timeout=300)
+        figures["first_delivery_s"] = time.perf_counter() - t0
+        agent.wait_for("delivered", count=BACKLOG - 1, timeout=1200)
+        figures["drained_s"] = time.perf_counter() - t0
+        figures["peak_rss_mib"] = _vm_hwm_kib(agent.proc.pid) / 1024
+        assert agent.stop() == 0
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    assert not list(setup.capture().iterdir())
+    growth = figures["peak_rss_mib"] - idle_kib / 1024
+    emit(f"start-up with a {BACKLOG:,}-file backlog (4 KiB each): ready {figures['ready_s']:.2f} s, first delivery"
+         f" {figures['first_delivery_s']:.2f} s, drained {figures['drained_s']:.1f} s"
+         f" ({BACKLOG / figures['drained_s']:.0f} recordings/s); peak RSS {figures['peak_rss_mib']:.1f} MiB vs"
+         f" {idle_kib / 1024:.1f} MiB started idle (+{growth:.1f} MiB)")
+    benchmark.extra_info.update(name="startup backlog", backlog=BACKLOG, idle_peak_rss_mib=round(idle_kib / 1024, 1),
+                                **{k: round(v, 3) for k, v in figures.items()})
+    shutil.rmtree(root, ignore_errors=True)
