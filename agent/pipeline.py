@@ -94,6 +94,7 @@ class Pipeline:
         self.chunk_size = chunk_size
         self.quarantine_seconds = quarantine_seconds
         self._in_flight: set[Path] = set()
+        self._disposing: dict[str, asyncio.Event] = {}  # recording id -> set once its source is disposed
         self._busy: set[asyncio.Task[None]] = set()  # workers holding a recording right now
         self._cooldown: dict[Path, float] = {}  # path -> monotonic time before which it is skipped
         self._candidates: asyncio.Queue[Candidate] = asyncio.Queue(maxsize=max(1, config.agent.concurrency))
@@ -262,8 +263,15 @@ class Pipeline:
         crash_point("after-commit")
         # Delivery goes ahead while the source is disposed: both need only the durable commit, and
         # unlinking a large file costs ~15 ms (ext4 freeing its extents) that delivery need not wait for.
+        # The spool copy is released only once the disposal is done, so that a crash in the middle of
+        # it is finished from the manifest on the next start.
+        disposed = self._disposing[rid] = asyncio.Event()
         self._uploads.put_nowait(rid)
-        await self._thread(self._dispose, m)
+        try:
+            await self._thread(self._dispose, m)
+        finally:
+            disposed.set()
+            del self._disposing[rid]
 
     async def _reserve(self, need: int, stop: asyncio.Event) -> Reservation:
         """Capacity in the spool for one recording; waits (intake paused) while the spool is full."""
@@ -332,22 +340,30 @@ class Pipeline:
                                                     "dispose": "keep"}})
             return
         src = Path(m.source)
-        try:
-            st = os.stat(src, follow_symlinks=False)
-        except FileNotFoundError:
-            return  # disposed already (before a crash) or removed by someone else
+        # The name is taken from the producer first (one atomic rename to a dotfile the watcher ignores),
+        # and only then is the file under it checked: checking `src` and then unlinking `src` would
+        # delete a new recording renamed over the name in between (a producer reusing names right
+        # after a recording is sealed does exactly that). A replay after a crash finds `grabbed`.
+        grabbed = src.with_name(f".mediaseal-{m.recording_id}.disposing")
+        if not os.path.lexists(grabbed):
+            try:
+                os.rename(src, grabbed)
+            except FileNotFoundError:
+                return  # disposed already (before a crash) or removed by someone else
+        st = os.stat(grabbed, follow_symlinks=False)
         if _identity_dict(FileIdentity.of(st)) | {"ctime_ns": 0} != m.identity | {"ctime_ns": 0}:
             log.warning("source-changed-after-seal",
                         extra={"fields": {"recording_id": m.recording_id, "path": m.source}})
+            _give_back(grabbed, src)
             return
         if m.dispose == "move" and m.move_to:
             watch_root = next((w.path for w in self.config.watch if w.path in src.parents), src.parent)
             dest = Path(m.move_to) / src.relative_to(watch_root)
             dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            shutil.move(src, dest)
+            shutil.move(grabbed, dest)
             _fsync_dir(dest.parent)
         else:
-            src.unlink()
+            grabbed.unlink()
         _fsync_dir(src.parent)
         if m.marker:
             with contextlib.suppress(FileNotFoundError):
@@ -434,6 +450,8 @@ class Pipeline:
             self.health.last_error, self.health.ok_at = None, time.time()
             self.health.quarantined.discard(m.recording_id)
         crash_point("after-delivery")
+        if (disposing := self._disposing.get(m.recording_id)) is not None:
+            await disposing.wait()
         await self._thread(functools.partial(self.spool.release, m, replayable=replayable))
         metrics.DELIVERED.labels(m.kind).inc()
         metrics.BYTES_OUT.inc(m.package_size)
@@ -494,6 +512,32 @@ def _identity_dict(i: FileIdentity) -> dict[str, int]:
 
 def _content_type(w: WatchConfig, path: Path) -> str:
     return w.content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _give_back(grabbed: Path, src: Path) -> None:
+    """Return a file taken by mistake (a newer recording under the name) without replacing whatever is
+    under the name by now: link, which refuses an existing name, then drop the private one. If the name
+    is taken again, the file keeps a visible name of its own, so it is still sealed and nothing is lost."""
+    target = src
+    for n in range(1, 1000):
+        try:
+            os.link(grabbed, target)
+            break
+        except FileExistsError:
+            target = src.with_name(f"{src.stem}-{n}{src.suffix}")
+        except OSError:  # no hard links here: a rename, checked first (a narrower window, never a loss of both)
+            if os.path.lexists(target):
+                target = src.with_name(f"{src.stem}-{n}{src.suffix}")
+                continue
+            os.rename(grabbed, target)
+            break
+    else:
+        raise FileExistsError(f"no free name to give {grabbed} back under")
+    if target != src:
+        log.warning("source-renamed", extra={"fields": {"path": str(src), "renamed_to": str(target)}})
+    with contextlib.suppress(FileNotFoundError):
+        grabbed.unlink()
+    _fsync_dir(src.parent)
 
 
 def _file_sha256(path: Path) -> str:

@@ -386,3 +386,29 @@ def test_a_name_that_is_not_utf8_is_delivered(setup: Setup) -> None:
     assert agent.stop() == 0
     assert not any('"intake-error"' in line for line in agent.lines)
     assert decrypt_all(setup.repository, setup.keyring) == {"caller-\\xff\\xfe.wav": [sha]}
+
+
+@pytest.mark.parametrize("taken", ["the sealed one", "a newer one"])
+def test_disposal_never_deletes_a_newer_recording_under_the_same_name(setup: Setup, taken: str) -> None:
+    """Disposal takes the name away from the producer (rename to a private dotfile) before it checks the
+    file; a crash can come right after that rename. Either file may be the one taken: the sealed one
+    (deleted on the replay) or a newer recording renamed over the name after sealing (given back, then
+    sealed and delivered itself). Checking the name and then unlinking it would delete the newer one."""
+    setup.capture().mkdir(parents=True, exist_ok=True)
+    first = drop(setup.capture(), "reused.wav", os.urandom(9000))
+    crashed = Agent(setup, env={"MEDIASEAL_CRASH_AT": "after-commit:1"})
+    assert crashed.exited(timeout=60) == 86
+    (manifest,) = (setup.spool / "packages").glob("*.json")
+    grabbed = setup.capture() / f".mediaseal-{manifest.stem}.disposing"
+    src = setup.capture() / "reused.wav"
+    if taken == "the sealed one":
+        os.rename(src, grabbed)
+        second = drop(setup.capture(), "reused.wav", os.urandom(7000))
+    else:
+        second = drop(setup.capture(), "reused.wav", os.urandom(7000))  # renamed over the sealed one
+        os.rename(src, grabbed)
+    agent = Agent(setup)
+    agent.wait_for("delivered", count=2, timeout=60)
+    assert agent.stop() == 0
+    assert sorted(decrypt_all(setup.repository, setup.keyring)["reused.wav"]) == sorted([first, second])
+    assert list(setup.capture().iterdir()) == []
