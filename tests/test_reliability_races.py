@@ -242,9 +242,9 @@ def sealing_race(race: Race, agent: Agent, name: str, act: Callable[[Path, bytes
             final = act(path, data)
         except FileNotFoundError:  # sealed and disposed already: the race missed by a mile
             final = None
-        # Landed before the agent's open: `vanished` (deleted), `seal-failed` (ELOOP: replaced by a symlink,
+        # Landed before the agent's open: `vanished` (deleted), `skipped` (ELOOP: replaced by a symlink,
         # which the no-follow open refused), `redo` (changed: its identity no longer matches).
-        hit = first_of(agent, ("redo", "spooled", "seal-failed", "vanished"), path) != "spooled"
+        hit = first_of(agent, ("redo", "spooled", "seal-failed", "skipped", "vanished"), path) != "spooled"
         landed += hit
         if not hit:
             size = min(2 * size, 4 * BIG)
