@@ -134,7 +134,8 @@ class KeySetServer:
         ctx.load_cert_chain(self.ca.cert_pem, self.ca.key_pem)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ctx)
+        # Port 0 the first time; after stop(), start() binds the same port again (same URL).
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ctx, reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import ssl
 import time
 import urllib.error
 import urllib.request
@@ -34,33 +33,8 @@ METRICS_ENV = {"MEDIASEAL_METRICS__ENABLED": "true", "MEDIASEAL_METRICS__LISTEN"
 
 
 class RestartableKeySetServer(KeySetServer):
-    """keyset_support's server, but started again on the port it first got: `stop()` closes the
-    listener for real (connections are refused meanwhile) and `start()` brings it back at the same URL."""
-
-    async def _start(self) -> None:
-        from aiohttp import web
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            document = self.document
-            etag = self.etag_of(document)
-            if "If-None-Match" in request.headers:
-                self.conditional += 1
-                if request.headers["If-None-Match"] == etag:
-                    self.not_modified += 1
-                    return web.Response(status=304, headers={"ETag": etag})
-            self.hits += 1
-            return web.Response(body=document, content_type="application/json", headers={"ETag": etag})
-
-        app = web.Application()
-        app.router.add_get(self.path, handle)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.ca.cert_pem, self.ca.key_pem)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        self._runner = runner  # type: ignore[assignment]
-        site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx, reuse_address=True)
-        await site.start()
-        self.port = runner.addresses[0][1]
+    """keyset_support's server, which `stop()` closes for real (connections are refused meanwhile) and
+    `start()` brings back on the port it first got, at the same URL."""
 
 
 def keyset_setup(root: Path, template: Path, server: KeySetServer, ca: TestCA, **keys: Any) -> Setup:
