@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from agent.config import parse_size
+from mediaseal.agent.config import parse_size
 
 
 def count(text: str) -> int:

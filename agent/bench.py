@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import codec
-from agent import argtypes
-from buffer.spool import StagingFile
+from mediaseal import codec
+from mediaseal.agent import argtypes
+from mediaseal.buffer.spool import StagingFile
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -257,7 +257,7 @@ class AgentProcess:
         self.lines: list[str] = []
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--log-format", "json"],
+            [sys.executable, "-m", "mediaseal.agent.cli", "run", "--config", str(config), "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd,
         )
         self._reader = threading.Thread(target=self._read, name="bench-agent-log", daemon=True)
@@ -505,7 +505,7 @@ def _workdir(parent: Path) -> Iterator[Path]:
 
 def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> Report:
     """Every measurement, in a temporary directory under `opts.dir` that is removed afterwards."""
-    from keys.keyring import Keyring
+    from mediaseal.keys.keyring import Keyring
 
     say = progress or (lambda _msg: None)
     report = Report(opts, machine_info(opts.dir))

@@ -23,13 +23,13 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives import serialization
 
-import codec
-from agent import argtypes
-from keys import keyring as kr
-from keys import keyset as ks
-from keys.errors import KeysError
-from keys.kms import DEFAULT_CACHE_SECONDS, KmsOptions
-from keys.lkm import options as lkm_options
+from mediaseal import codec
+from mediaseal.agent import argtypes
+from mediaseal.keys import keyring as kr
+from mediaseal.keys import keyset as ks
+from mediaseal.keys.errors import KeysError
+from mediaseal.keys.kms import DEFAULT_CACHE_SECONDS, KmsOptions
+from mediaseal.keys.lkm import options as lkm_options
 
 EXIT_FAILURE = 1
 
@@ -45,7 +45,7 @@ def new_recording_id(now: dt.datetime | None = None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from agent.run import run  # the daemon's imports (event loop, watcher) only for this command
+    from mediaseal.agent.run import run  # the daemon's imports (event loop, watcher) only for this command
 
     run(args.config, args.log_format)
 
@@ -83,7 +83,7 @@ def cmd_keys_init(args: argparse.Namespace) -> None:
 def cmd_keys_rotate(args: argparse.Namespace) -> None:
     ring = kr.Keyring.open(args.keyring, kms=_kms_options(args))
     if args.if_due:  # for a timer: exits 0 whether or not anything was due, saying what it did
-        from keys.rotation import rotate_if_due
+        from mediaseal.keys.rotation import rotate_if_due
 
         print(rotate_if_due(ring, _passphrase(args)))
         return
@@ -91,7 +91,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_schedule(args: argparse.Namespace) -> None:
-    from keys.rotation import next_rotation
+    from mediaseal.keys.rotation import next_rotation
 
     ring = kr.Keyring.open(args.keyring)
     if args.set is not None:
@@ -108,14 +108,14 @@ def cmd_keys_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_retire(args: argparse.Namespace) -> None:
-    from keys.rotation import retire_key
+    from mediaseal.keys.rotation import retire_key
 
     ring = kr.Keyring.open(args.keyring)
     print(asyncio.run(retire_key(ring, args.kid, args.repository, force=args.force, endpoint_url=args.endpoint_url)))
 
 
 def cmd_keys_rewrap(args: argparse.Namespace) -> None:
-    from keys.rotation import rewrap_repository
+    from mediaseal.keys.rotation import rewrap_repository
 
     ring = kr.Keyring.open(args.keyring, kms=_kms_options(args))
     report = asyncio.run(rewrap_repository(ring, _passphrase(args), args.repository, from_kid=args.from_kid,
@@ -212,8 +212,8 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
 
 def _decrypt_url(args: argparse.Namespace, unwrapper: codec.Unwrapper) -> None:
     """A package in a repository (s3://bucket/key, file:///path): ranged reads of only the chunks needed."""
-    from export.playback import RemotePackage
-    from export.source import SourceError, open_source, split_url
+    from mediaseal.export.playback import RemotePackage
+    from mediaseal.export.source import SourceError, open_source, split_url
 
     async def run() -> None:
         repository, key = split_url(args.input)
@@ -240,7 +240,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from export.serve import ServeError, ServeOptions, check_options, run_server
+    from mediaseal.export.serve import ServeError, ServeOptions, check_options, run_server
 
     options = ServeOptions(
         repository=args.repository, audit_log=args.audit_log, host=args.host, port=args.port,
@@ -255,8 +255,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from export.bulk import ExportError, ExportOptions, Selection, parse_ids, run_export
-    from export.pgp import PgpError
+    from mediaseal.export.bulk import ExportError, ExportOptions, Selection, parse_ids, run_export
+    from mediaseal.export.pgp import PgpError
 
     ids = parse_ids(_read_file(args.ids).decode("utf-8", "replace")) if args.ids else None
     options = ExportOptions(
@@ -292,7 +292,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_lkm_serve(args: argparse.Namespace) -> None:
-    from agent.log import setup_logging
+    from mediaseal.agent.log import setup_logging
 
     setup_logging(args.log_format)
     lkm_options.serve_command(args)  # keys.lkm.service: runs until SIGTERM/SIGINT
@@ -542,10 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input", metavar="IN")
     sp.add_argument("--json", action="store_true")
 
-    from agent.status import add_parser as add_status  # the spool's state from its manifests
+    from mediaseal.agent.status import add_parser as add_status  # the spool's state from its manifests
 
     add_status(sub)
-    from agent.bench import add_parser as add_bench  # throughput on this host vs a plain copy
+    from mediaseal.agent.bench import add_parser as add_bench  # throughput on this host vs a plain copy
 
     add_bench(sub)
     return p

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from codec import KINDS
+from mediaseal.codec import KINDS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

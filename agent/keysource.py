@@ -22,13 +22,13 @@ import logging
 import time
 from pathlib import Path
 
-import codec
-from agent import metrics
-from agent.config import KeysConfig
-from keys.errors import KeysError
-from keys.keyring import Keyring
-from keys.keyset import KeySet, load_signer
-from keys.sources import KeySetFollower, open_source
+from mediaseal import codec
+from mediaseal.agent import metrics
+from mediaseal.agent.config import KeysConfig
+from mediaseal.keys.errors import KeysError
+from mediaseal.keys.keyring import Keyring
+from mediaseal.keys.keyset import KeySet, load_signer
+from mediaseal.keys.sources import KeySetFollower, open_source
 
 log = logging.getLogger("mediaseal.keys")
 

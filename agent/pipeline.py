@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import codec
-from agent import metrics
-from agent.config import Config, WatchConfig
-from agent.crash import crash_point
-from agent.keysource import PublicKeys
-from agent.watcher import Candidate, FileIdentity, Watcher
-from buffer.spool import SPOOLED, UPLOADING, VERIFIED, DurabilityError, Manifest, Reservation, Spool
-from uploader import PermanentRepositoryError, Receipt, Repository, RepositoryError, Upload, repository_key
-from uploader.breaker import CircuitBreaker
+from mediaseal import codec
+from mediaseal.agent import metrics
+from mediaseal.agent.config import Config, WatchConfig
+from mediaseal.agent.crash import crash_point
+from mediaseal.agent.keysource import PublicKeys
+from mediaseal.agent.watcher import Candidate, FileIdentity, Watcher
+from mediaseal.buffer.spool import SPOOLED, UPLOADING, VERIFIED, DurabilityError, Manifest, Reservation, Spool
+from mediaseal.uploader import PermanentRepositoryError, Receipt, Repository, RepositoryError, Upload, repository_key
+from mediaseal.uploader.breaker import CircuitBreaker
 
 log = logging.getLogger("mediaseal.pipeline")
 

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import uvloop
 
-from agent.config import Config, ConfigError, load_config
-from agent.keysource import PublicKeys
-from agent.log import setup_logging
-from agent.pipeline import Pipeline
-from agent.service import AgentService, ServiceError
-from buffer.spool import DurabilityError, Spool
-from keys.errors import KeysError
-from keys.keyring import Keyring, passphrase_from
-from uploader import RepositoryError, open_repository
+from mediaseal.agent.config import Config, ConfigError, load_config
+from mediaseal.agent.keysource import PublicKeys
+from mediaseal.agent.log import setup_logging
+from mediaseal.agent.pipeline import Pipeline
+from mediaseal.agent.service import AgentService, ServiceError
+from mediaseal.buffer.spool import DurabilityError, Spool
+from mediaseal.keys.errors import KeysError
+from mediaseal.keys.keyring import Keyring, passphrase_from
+from mediaseal.uploader import RepositoryError, open_repository
 
 log = logging.getLogger("mediaseal.agent")
 

@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from agent import metrics
-from agent.pipeline import DeliveryHealth
-from agent.status import ManifestCache, SpoolReport, read_spool
-from uploader import FilesystemRepository
+from mediaseal.agent import metrics
+from mediaseal.agent.pipeline import DeliveryHealth
+from mediaseal.agent.status import ManifestCache, SpoolReport, read_spool
+from mediaseal.uploader import FilesystemRepository
 
 if TYPE_CHECKING:
-    from agent.config import Config
-    from agent.pipeline import Pipeline
+    from mediaseal.agent.config import Config
+    from mediaseal.agent.pipeline import Pipeline
 
 log = logging.getLogger("mediaseal.service")
 

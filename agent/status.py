@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, ConfigError, load_config
-from buffer.spool import STATES, Manifest
+from mediaseal.agent.config import Config, ConfigError, load_config
+from mediaseal.buffer.spool import STATES, Manifest
 
 MAX_ERRORS = 10  # manifests with errors listed (most attempts first)
 

@@ -41,8 +41,8 @@ from pathlib import Path
 
 from watchfiles import Change, awatch
 
-from agent.config import WatchConfig
-from agent.metrics import RESCANS, UNREADABLE
+from mediaseal.agent.config import WatchConfig
+from mediaseal.agent.metrics import RESCANS, UNREADABLE
 
 __all__ = ["Candidate", "FileIdentity", "Watcher", "is_temp_name"]
 

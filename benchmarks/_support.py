@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-import codec
+from mediaseal import codec
 
 MiB = 1 << 20
 GiB = 1 << 30

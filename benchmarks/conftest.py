@@ -21,7 +21,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-import codec
 from benchmarks._support import (
     FSYNC,
     REPORT,
@@ -34,6 +33,7 @@ from benchmarks._support import (
     machine_info,
     remove,
 )
+from mediaseal import codec
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-import codec
 from benchmarks._support import PatternReader
+from mediaseal import codec
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import os
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-import codec
 from benchmarks._support import MiB, interleave, report_throughput
+from mediaseal import codec
 
 TOTAL = 64 * MiB
 CHUNK = MiB

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-import codec
 from benchmarks._support import (
     FSYNC,
     CachedUnwrapper,
@@ -29,6 +28,7 @@ from benchmarks._support import (
     report_latency,
     report_throughput,
 )
+from mediaseal import codec
 
 RANGE_PACKAGE_SIZE = 256 * MiB
 RANGE_LENGTH = 64 * 1024

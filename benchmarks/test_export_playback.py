@@ -26,16 +26,16 @@ from typing import Any
 
 import pytest
 
-import codec
 from benchmarks._support import MiB, PatternReader, emit, interleave, report_latency, report_throughput
+from mediaseal import codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import s3_support
 from agent_harness import PASSPHRASE, make_keyring
 
-from export.playback import RemotePackage
-from export.source import FileSource
-from keys.keyring import Keyring
+from mediaseal.export.playback import RemotePackage
+from mediaseal.export.source import FileSource
+from mediaseal.keys.keyring import Keyring
 
 RECORDINGS = 10
 REC_SIZE = int(os.environ.get("MEDIASEAL_BENCH_EXPORT_MB", "4")) * MiB
@@ -140,7 +140,7 @@ def _empty(endpoint: str, bucket: str) -> None:
 @pytest.mark.parametrize("pgp", [False, True], ids=["plain", "pgp"])
 def test_export_vs_plain_copy(benchmark: Any, moto: Any, ring: Any, source_bucket: Any, request: Any,
                               pgp: bool) -> None:
-    from export.bulk import ExportOptions, run_export
+    from mediaseal.export.bulk import ExportOptions, run_export
 
     _, unwrapper = ring
     src, keys = source_bucket

@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 
-import codec
 from benchmarks._support import (
     LOADED,
     RETRIES,
@@ -47,6 +46,7 @@ from benchmarks._support import (
     seal_file,
     wait_for_quiet,
 )
+from mediaseal import codec
 
 AGE_TARGET = 2.0  # DESIGN section 9: >= 2x the age CLI
 PEER_TARGET = 1.0  # ... and ahead of every other peer

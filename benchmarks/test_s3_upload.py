@@ -52,8 +52,8 @@ def _raw_upload(endpoint: str, bucket: str, path: Path, key: str) -> None:
 
 
 def test_s3_repository_put_vs_raw_upload(benchmark: Any, moto: Any, bench_dir: str) -> None:
-    from uploader import Upload
-    from uploader.s3 import S3Options, S3Repository
+    from mediaseal.uploader import Upload
+    from mediaseal.uploader.s3 import S3Options, S3Repository
 
     bucket = s3_support.make_bucket(moto.url)
     path = Path(bench_dir) / "s3-package.bin"

@@ -5,7 +5,7 @@
 >>> open_package(open("out.mseal", "rb"), keyring).decrypt_to(sys.stdout.buffer)
 """
 
-from codec.errors import (
+from mediaseal.codec.errors import (
     AuthenticationError,
     CodecError,
     MalformedPackageError,
@@ -13,8 +13,17 @@ from codec.errors import (
     TruncatedPackageError,
     UnsupportedVersionError,
 )
-from codec.header import DEFAULT_CHUNK_SIZE, KINDS, Header, Keys, Metadata, derive_keys, parse_header, read_header
-from codec.package import (
+from mediaseal.codec.header import (
+    DEFAULT_CHUNK_SIZE,
+    KINDS,
+    Header,
+    Keys,
+    Metadata,
+    derive_keys,
+    parse_header,
+    read_header,
+)
+from mediaseal.codec.package import (
     Layout,
     PackageReader,
     Recipient,
@@ -26,8 +35,8 @@ from codec.package import (
     rewrap,
     seal,
 )
-from codec.stream import TAG_SIZE, ChunkOpener, ChunkSealer, nonce, stride
-from codec.wrap import RSA_OAEP, RSA_OAEP_256, WRAP_ALGORITHMS, Wrap, unwrap_dek, wrap_dek
+from mediaseal.codec.stream import TAG_SIZE, ChunkOpener, ChunkSealer, nonce, stride
+from mediaseal.codec.wrap import RSA_OAEP, RSA_OAEP_256, WRAP_ALGORITHMS, Wrap, unwrap_dek, wrap_dek
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "KINDS", "RSA_OAEP", "RSA_OAEP_256", "TAG_SIZE", "WRAP_ALGORITHMS",

@@ -24,13 +24,13 @@ from typing import Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from codec.errors import (
+from mediaseal.codec.errors import (
     AuthenticationError,
     MalformedPackageError,
     TruncatedPackageError,
     UnsupportedVersionError,
 )
-from codec.wrap import DEK_SIZE, Wrap
+from mediaseal.codec.wrap import DEK_SIZE, Wrap
 
 MAGIC = b"MSEAL"
 VERSION = 1

@@ -23,10 +23,10 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from codec.errors import TruncatedPackageError
-from codec.header import DEFAULT_CHUNK_SIZE, SALT_SIZE, Header, Keys, Metadata, read_header
-from codec.stream import TAG_SIZE, ChunkOpener, ChunkSealer, stride
-from codec.wrap import DEK_SIZE, RSA_OAEP_256, Wrap, wrap_dek
+from mediaseal.codec.errors import TruncatedPackageError
+from mediaseal.codec.header import DEFAULT_CHUNK_SIZE, SALT_SIZE, Header, Keys, Metadata, read_header
+from mediaseal.codec.stream import TAG_SIZE, ChunkOpener, ChunkSealer, stride
+from mediaseal.codec.wrap import DEK_SIZE, RSA_OAEP_256, Wrap, wrap_dek
 
 
 class ReadInto(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from codec.errors import AuthenticationError, TruncatedPackageError
+from mediaseal.codec.errors import AuthenticationError, TruncatedPackageError
 
 TAG_SIZE = 16
 _MAX_COUNTER = 1 << 88

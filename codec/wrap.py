@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from codec.errors import AuthenticationError, UnsupportedVersionError
+from mediaseal.codec.errors import AuthenticationError, UnsupportedVersionError
 
 RSA_OAEP_256 = "RSA-OAEP-256"  # OAEP with SHA-256 and MGF1-SHA-256: the default
 RSA_OAEP = "RSA-OAEP"  # OAEP with SHA-1 and MGF1-SHA-1: interop with existing Local Key Managers

@@ -38,15 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-import codec
-from export.pgp import PgpError, PgpRecipient
-from export.source import PackageSource, SourceError, SourceObject, open_source
-from keys.errors import KeysError
-from keys.kms import KmsError
-from keys.lkm.client import LKMClient
-from keys.lkm.errors import KeyServiceUnreachableError, OverloadedError, RateLimitedError, UnavailableError
-from uploader.base import RepositoryError
-from uploader.s3 import MIN_PART_SIZE, S3Options, parse_s3_url
+from mediaseal import codec
+from mediaseal.export.pgp import PgpError, PgpRecipient
+from mediaseal.export.source import PackageSource, SourceError, SourceObject, open_source
+from mediaseal.keys.errors import KeysError
+from mediaseal.keys.kms import KmsError
+from mediaseal.keys.lkm.client import LKMClient
+from mediaseal.keys.lkm.errors import KeyServiceUnreachableError, OverloadedError, RateLimitedError, UnavailableError
+from mediaseal.uploader.base import RepositoryError
+from mediaseal.uploader.s3 import MIN_PART_SIZE, S3Options, parse_s3_url
 
 __all__ = ["ExportError", "ExportOptions", "Failure", "Report", "Selection", "run_export"]
 

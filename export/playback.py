@@ -25,9 +25,9 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-import codec
-from codec.header import MAX_HEADER
-from export.source import PackageSource
+from mediaseal import codec
+from mediaseal.codec.header import MAX_HEADER
+from mediaseal.export.source import PackageSource
 
 __all__ = ["FIRST_READ", "FetchStats", "RemotePackage"]
 

@@ -50,10 +50,10 @@ from typing import Any
 
 from aiohttp import web
 
-import codec
-from export.playback import RemotePackage
-from export.source import PackageSource, SourceError, SourceNotFoundError, check_key, open_source
-from keys.errors import KeysError
+from mediaseal import codec
+from mediaseal.export.playback import RemotePackage
+from mediaseal.export.source import PackageSource, SourceError, SourceNotFoundError, check_key, open_source
+from mediaseal.keys.errors import KeysError
 
 __all__ = [
     "DEFAULT_PORT", "AuditLog", "PlaybackServer", "ServeError", "ServeOptions", "load_tokens", "parse_range",
@@ -223,7 +223,7 @@ class PlaybackServer:
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
-        from keys.lkm.service import http_protocol_logger
+        from mediaseal.keys.lkm.service import http_protocol_logger
 
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
                                keepalive_timeout=self.keepalive_timeout,
@@ -236,7 +236,7 @@ class PlaybackServer:
         """Who is asking, or None. Every configured method must pass."""
         who: list[str] = []
         if self.mtls:
-            from keys.lkm.auth import cert_names
+            from mediaseal.keys.lkm.auth import cert_names
 
             peer = request.transport.get_extra_info("peercert") if request.transport else None
             names = cert_names(peer)
@@ -451,7 +451,7 @@ async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
     tokens = load_tokens(o.tokens_file) if o.tokens_file is not None else None
     ctx = None
     if o.tls_cert is not None and o.tls_key is not None:
-        from keys.lkm.service import server_ssl_context
+        from mediaseal.keys.lkm.service import server_ssl_context
 
         ctx = server_ssl_context(o.tls_cert, o.tls_key, o.client_ca, True)
     try:

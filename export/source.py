@@ -250,7 +250,7 @@ class S3Source:
     """
 
     def __init__(self, bucket: str, prefix: str = "", **options: Any) -> None:
-        from uploader.s3 import S3Options  # validates the options; imports aioboto3 only for S3
+        from mediaseal.uploader.s3 import S3Options  # validates the options; imports aioboto3 only for S3
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         known = {f.name for f in dataclasses.fields(S3Options)}
@@ -269,8 +269,8 @@ class S3Source:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> S3Source:
-        from uploader.base import RepositoryError
-        from uploader.s3 import parse_s3_url
+        from mediaseal.uploader.base import RepositoryError
+        from mediaseal.uploader.s3 import parse_s3_url
 
         try:
             bucket, prefix = parse_s3_url(url)

@@ -6,7 +6,7 @@
 >>> keyset = verify_keyset(kr.publish(passphrase), load_signer(Path("keyring/signer.pem").read_bytes()))
 """
 
-from keys.errors import (
+from mediaseal.keys.errors import (
     BadSignatureError,
     InvalidJWKError,
     KeyringExistsError,
@@ -23,8 +23,8 @@ from keys.errors import (
     UnknownKeyError,
     WrongPassphraseError,
 )
-from keys.jwk import public_jwk, public_key_from_jwk, thumbprint
-from keys.keyring import (
+from mediaseal.keys.jwk import public_jwk, public_key_from_jwk, thumbprint
+from mediaseal.keys.keyring import (
     MASTER_KEY,
     PASSPHRASE,
     PASSPHRASE_ENV,
@@ -34,7 +34,7 @@ from keys.keyring import (
     generate_kek,
     passphrase_from,
 )
-from keys.keyset import (
+from mediaseal.keys.keyset import (
     ACTIVE,
     DECRYPT_ONLY,
     FORMAT,
@@ -48,7 +48,7 @@ from keys.keyset import (
     signer_id,
     verify_keyset,
 )
-from keys.protect import MasterKeyProtector, PassphraseProtector, Protector, key_aad
+from mediaseal.keys.protect import MasterKeyProtector, PassphraseProtector, Protector, key_aad
 
 __all__ = [
     "ACTIVE", "DECRYPT_ONLY", "FORMAT", "MASTER_KEY", "PASSPHRASE", "PASSPHRASE_ENV", "PENDING", "RETIRED",

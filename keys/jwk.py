@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keys.errors import InvalidJWKError
+from mediaseal.keys.errors import InvalidJWKError
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 KID_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest, unpadded

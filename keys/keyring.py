@@ -34,8 +34,16 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from codec import RSA_OAEP_256, WRAP_ALGORITHMS, AuthenticationError, NoMatchingKeyError, Recipient, Wrap, unwrap_dek
-from keys.errors import (
+from mediaseal.codec import (
+    RSA_OAEP_256,
+    WRAP_ALGORITHMS,
+    AuthenticationError,
+    NoMatchingKeyError,
+    Recipient,
+    Wrap,
+    unwrap_dek,
+)
+from mediaseal.keys.errors import (
     KeyringExistsError,
     KeyringFormatError,
     KeyringLockedError,
@@ -45,8 +53,8 @@ from keys.errors import (
     PassphraseSourceError,
     UnknownKeyError,
 )
-from keys.jwk import KID_PATTERN, thumbprint
-from keys.keyset import (
+from mediaseal.keys.jwk import KID_PATTERN, thumbprint
+from mediaseal.keys.keyset import (
     ACTIVE,
     DECRYPT_ONLY,
     DEFAULT_TTL_SECONDS,
@@ -60,8 +68,8 @@ from keys.keyset import (
     parse_time,
     signer_id,
 )
-from keys.kms import KmsOptions, KmsProtector
-from keys.protect import MASTER_KEY_SIZE, MasterKeyProtector, PassphraseProtector, Protector, key_aad
+from mediaseal.keys.kms import KmsOptions, KmsProtector
+from mediaseal.keys.protect import MASTER_KEY_SIZE, MasterKeyProtector, PassphraseProtector, Protector, key_aad
 
 FORMAT = "mediaseal-keyring/1"
 PASSPHRASE, MASTER_KEY, KMS = "passphrase", "master-key", "kms"

@@ -23,8 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from codec import WRAP_ALGORITHMS, Recipient
-from keys.errors import (
+from mediaseal.codec import WRAP_ALGORITHMS, Recipient
+from mediaseal.keys.errors import (
     BadSignatureError,
     InvalidJWKError,
     KeySetExpiredError,
@@ -32,7 +32,7 @@ from keys.errors import (
     KeyStateError,
     UnknownKeyError,
 )
-from keys.jwk import KID_PATTERN, b64url_decode, b64url_encode, public_jwk, public_key_from_jwk, thumbprint
+from mediaseal.keys.jwk import KID_PATTERN, b64url_decode, b64url_encode, public_jwk, public_key_from_jwk, thumbprint
 
 FORMAT = "mediaseal-keyset/1"
 PENDING, ACTIVE, DECRYPT_ONLY, RETIRED = "pending", "active", "decrypt-only", "retired"

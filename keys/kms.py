@@ -29,8 +29,8 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from keys.errors import KeyringFormatError, KeyringLockedError
-from keys.jwk import b64url_decode, b64url_encode
+from mediaseal.keys.errors import KeyringFormatError, KeyringLockedError
+from mediaseal.keys.jwk import b64url_decode, b64url_encode
 
 T = TypeVar("T")
 

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from keys.errors import KeyringFormatError, KeyringLockedError, WrongPassphraseError
-from keys.jwk import b64url_decode, b64url_encode
+from mediaseal.keys.errors import KeyringFormatError, KeyringLockedError, WrongPassphraseError
+from mediaseal.keys.jwk import b64url_decode, b64url_encode
 
 CIPHER = "A256GCM"
 SCRYPT = "scrypt"

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import codec
-from codec.header import MAX_HEADER
-from keys.errors import KeysError, KeyStateError
-from keys.keyring import KeyRecord, Keyring, KeyringUnwrapper, RotationSchedule
-from keys.keyset import DECRYPT_ONLY, PENDING, RETIRED, format_time, parse_time
+from mediaseal import codec
+from mediaseal.codec.header import MAX_HEADER
+from mediaseal.keys.errors import KeysError, KeyStateError
+from mediaseal.keys.keyring import KeyRecord, Keyring, KeyringUnwrapper, RotationSchedule
+from mediaseal.keys.keyset import DECRYPT_ONLY, PENDING, RETIRED, format_time, parse_time
 
 __all__ = [
     "KeyInUseError", "KeyUsage", "PackageRef", "RepositoryScanError", "RewrapReport", "RotationSchedule", "add_period",

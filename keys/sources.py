@@ -38,8 +38,8 @@ from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from keys.errors import KeySetError, KeySetExpiredError
-from keys.keyset import MAX_DOCUMENT_SIZE, KeySet, format_time, verify_keyset
+from mediaseal.keys.errors import KeySetError, KeySetExpiredError
+from mediaseal.keys.keyset import MAX_DOCUMENT_SIZE, KeySet, format_time, verify_keyset
 
 DEFAULT_TIMEOUT = 10.0
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import secrets_audit
 
-import codec
-from keys.keyring import Keyring
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
 
 PASSPHRASE = b"correct horse battery staple, test only"
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,8 @@ class Agent:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
         full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "agent.cli", "run", "--config", str(cfg), "--log-format", "json"],
+            [*(prefix or []), sys.executable, "-m", "mediaseal.agent.cli", "run", "--config", str(cfg),
+             "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=full_env, cwd=setup.root,
         )

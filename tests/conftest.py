@@ -31,7 +31,7 @@ class CodecTestKeyring:
         self.calls = 0
 
     def unwrap(self, wraps: Sequence[object]) -> bytes:
-        import codec
+        from mediaseal import codec
 
         self.calls += 1
         for w in wraps:

@@ -29,9 +29,9 @@ from typing import Any
 
 from reliability_support import Check, Ledger, recording
 
-import codec
-from keys.keyring import Keyring
-from uploader.base import repository_key
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
+from mediaseal.uploader.base import repository_key
 
 CAPTURED_AT = "2026-11-28T10:00:00Z"
 EXPORTED = re.compile(r"^export: exported (\S+): ")
@@ -66,7 +66,7 @@ class Command:
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
         self.args = args
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], env=env, cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, "-m", "mediaseal.agent.cli", *args], env=env, cwd=cwd,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _CHILDREN.append(self.proc)
         self.lines: list[tuple[float, str]] = []
@@ -173,7 +173,7 @@ class LKMProcess:
         w = self.world
         env = child_env(MEDIASEAL_KEYRING_PASSPHRASE=w.passphrase.decode())
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "lkm", "serve", "--keyring", str(w.keyring), "--clients",
+            [sys.executable, "-m", "mediaseal.agent.cli", "lkm", "serve", "--keyring", str(w.keyring), "--clients",
              str(w.clients), "--audit-log", str(self.audit_log), "--tls-cert", str(w.pki.server_cert),
              "--tls-key", str(w.pki.server_key), "--listen", f"127.0.0.1:{self.port}", "--rotation-check", "0",
              "--log-format", "json"],

@@ -20,8 +20,8 @@ from typing import Any
 
 
 def playback(cfg: dict[str, Any]) -> None:
-    from export.serve import ServeOptions, run_server
-    from keys.keyring import Keyring
+    from mediaseal.export.serve import ServeOptions, run_server
+    from mediaseal.keys.keyring import Keyring
 
     paths = {"audit_log", "tokens_file", "tls_cert", "tls_key", "client_ca"}
     keyring, passphrase = Path(cfg.pop("keyring")), cfg.pop("passphrase").encode()
@@ -30,8 +30,8 @@ def playback(cfg: dict[str, Any]) -> None:
 
 
 def lkm(cfg: dict[str, Any]) -> None:
-    from agent.log import setup_logging
-    from keys.lkm.service import ServiceConfig, serve
+    from mediaseal.agent.log import setup_logging
+    from mediaseal.keys.lkm.service import ServiceConfig, serve
 
     setup_logging("text")
     paths = {"keyring", "clients", "audit_log", "tls_cert", "tls_key", "client_ca", "genesys_keyring"}

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keys.lkm.service import LKMService, ServiceConfig
+from mediaseal.keys.lkm.service import LKMService, ServiceConfig
 
 PASSPHRASE = b"lkm test passphrase"
 

@@ -24,7 +24,7 @@ from keyset_support import KeySetServer, TestCA
 from prometheus_client.parser import text_string_to_metric_families
 from reliability_support import Ledger, new_setup
 
-from keys.keyring import Keyring
+from mediaseal.keys.keyring import Keyring
 
 # The harness's config names a keyring; an empty variable unsets it, so the key set is used instead.
 KEYSET_ENV = {"MEDIASEAL_KEYS__KEYRING": ""}

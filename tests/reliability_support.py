@@ -24,8 +24,8 @@ from typing import Any
 
 from agent_harness import PASSPHRASE, ROOT, Agent, Setup, decrypt_all, drop, spool_files
 
-import codec
-from keys.keyring import Keyring
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
 
 MARKER = b"MEDIASEAL-RELIABILITY-PLAINTEXT-MARKER:"
 BLOCK = 4096

@@ -242,7 +242,8 @@ class Registry:
         with self._lock:
             self.cli_runs += 1
             n = self.cli_runs
-        shown = " ".join(a for a in argv[argv.index("agent.cli") + 1:][:3]) if "agent.cli" in argv else argv[0]
+        cli = "mediaseal.agent.cli"
+        shown = " ".join(a for a in argv[argv.index(cli) + 1:][:3]) if cli in argv else argv[0]
         where = f"`mediaseal {shown}` (command {n})"
         self.text(f"{where} stdout", stdout[:MAX_TEXT] if stdout else None)
         self.text(f"{where} stderr", stderr[:MAX_TEXT] if stderr else None)
@@ -307,8 +308,8 @@ _KEY_FILES: dict[tuple[str, int, int], str | None] = {}  # (path, mtime_ns, size
 def _keyring_secrets(path: Path, passphrases: Sequence[bytes | None], moto_url: str | None,
                      counts: Counter[str]) -> tuple[list[Secret], dict[str, Any]]:
     """Needles for a keyring's private keys (KEKs and signer) and master.key, and kid -> private key."""
-    from keys.keyring import KMS, MASTER_KEY, Keyring
-    from keys.kms import KmsOptions
+    from mediaseal.keys.keyring import KMS, MASTER_KEY, Keyring
+    from mediaseal.keys.kms import KmsOptions
 
     try:
         ring = Keyring.open(path)
@@ -386,7 +387,7 @@ def _spread(items: Sequence[Any], n: int) -> list[Any]:
 
 def _dek_secrets(name: str, head: bytes, keys: dict[str, Any], counts: Counter[str]) -> list[Secret]:
     """The DEK of the package whose first bytes are `head`, and the body and header-MAC keys derived from it."""
-    import codec
+    from mediaseal import codec
 
     try:
         header = codec.parse_header(head)
@@ -566,7 +567,7 @@ def _files_by_suffix(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _header_size(head: bytes) -> int:
-    import codec
+    from mediaseal import codec
 
     try:
         return int(codec.parse_header(head).size)
@@ -654,7 +655,7 @@ def _register_run(popenargs: tuple[Any, ...], kwargs: dict[str, Any], out: Any, 
         return
     else:
         argv = [os.fsdecode(a) for a in args]
-    if "agent.cli" not in argv and not Path(argv[0]).name.startswith("mediaseal"):
+    if "mediaseal.agent.cli" not in argv and not Path(argv[0]).name.startswith("mediaseal"):
         return
     with contextlib.suppress(Exception):  # never disturbs the test: a bug here shows as a missing count
         REGISTRY.cli_run(argv, kwargs.get("env"), kwargs.get("cwd") and os.fsdecode(kwargs["cwd"]), out, err)

@@ -27,7 +27,7 @@ from agent_harness import (
     spool_files,
 )
 
-from keys.keyring import Keyring
+from mediaseal.keys.keyring import Keyring
 
 
 @pytest.fixture(scope="session")
@@ -222,7 +222,7 @@ def test_no_secret_in_spool_manifests_or_logs(setup: Setup) -> None:
     unwrapper = Keyring.open(setup.keyring).unlock(PASSPHRASE)
     secrets_: list[bytes] = [PASSPHRASE]
     for pkg in (setup.spool / "packages").glob("*.mseal"):
-        from codec import read_header
+        from mediaseal.codec import read_header
 
         with open(pkg, "rb") as f:
             dek = unwrapper.unwrap(read_header(f).wraps)
@@ -313,7 +313,7 @@ def test_key_rotation_while_running(setup: Setup) -> None:
     agent.stop()
     kids = {}
     for p in packages(setup.repository):
-        from codec import read_header
+        from mediaseal.codec import read_header
 
         with open(p, "rb") as f:
             h = read_header(f)
@@ -348,7 +348,7 @@ def test_embedded_default_make_run(tmp_path: Path) -> None:
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mediaseal.agent.cli", "run"], cwd=tmp_path, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     lines = []
@@ -368,7 +368,7 @@ def test_embedded_default_make_run(tmp_path: Path) -> None:
     assert proc.wait(timeout=30) == 0
     (pkg,) = packages(base / "repository")
     assert pkg.relative_to(base / "repository").parts[0] == "call"
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "decrypt", str(pkg), "-o", "-", "--keyring",
+    r = subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", "decrypt", str(pkg), "-o", "-", "--keyring",
                         str(base / "keyring")], env=env, capture_output=True, check=False)
     assert r.returncode == 0 and r.stdout == data, r.stderr
     assert list((base / "capture").iterdir()) == []

@@ -17,8 +17,8 @@ import pytest
 from agent_harness import PASSPHRASE, Agent, Setup, drop, make_keyring, spool_files
 from s3_support import boto3_client, make_kms_key, unique_bucket
 
-import codec
-from keys.keyring import Keyring
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
 
 MiB = 1 << 20
 PREFIX = "site-a"

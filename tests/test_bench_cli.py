@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from mediaseal.agent.cli import main
 
 KEYS = {"spool_digest", "spool", "e2e", "small_files"}
 FIGURES = ("mb_per_s", "baseline_mb_per_s", "ratio", "paired_ratio", "recordings_per_s")

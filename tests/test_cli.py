@@ -20,7 +20,7 @@ def ms(*args: str | Path, env: dict[str, str] | None = None, input: bytes | None
     if passphrase:
         e["MEDIASEAL_KEYRING_PASSPHRASE"] = PASS
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], env=e, input=input,
+    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *map(str, args)], env=e, input=input,
                           capture_output=True, timeout=120, check=False)
 
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import sized
 
-import codec
+from mediaseal import codec
 
 CS = 256
 MAX_PEAK = 4 << 20  # bytes: a reader holds a header and a few chunks, never what a length field claims

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import codec
+from mediaseal import codec
 
 CS = 256
 SIZES = [0, 1, CS - 1, CS, CS + 1, 5 * CS, 5 * CS + 3]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-import codec
+from mediaseal import codec
 
 CS = 256
 N_CHUNKS = 6  # five full chunks and a last one of 100 bytes

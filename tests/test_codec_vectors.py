@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-import codec
+from mediaseal import codec
 
 VECTORS = Path(__file__).parent / "vectors"
 DOC: dict[str, Any] = json.loads((VECTORS / "mseal-v1-kat.json").read_text("utf-8"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
+from mediaseal.agent.config import (
     AgentConfig,
     ConfigError,
     MetricsConfig,

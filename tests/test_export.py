@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from agent_harness import PASSPHRASE, make_keyring
 
-import codec
-from agent import cli
-from keys.keyring import Keyring
-from uploader.base import repository_key
+from mediaseal import codec
+from mediaseal.agent import cli
+from mediaseal.keys.keyring import Keyring
+from mediaseal.uploader.base import repository_key
 
 GPG = "/usr/bin/gpg"
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +207,7 @@ def test_killed_export_resumes_without_duplicates(moto_server, world, fault_prox
     dest = s3_support.make_bucket(url)
     fault_proxy.delay(0.25, when=lambda r: r.op == "PutObject")  # slow enough to be killed midway
     env = {**os.environ, "MEDIASEAL_KEYRING_PASSPHRASE": PASSPHRASE.decode(), "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "agent.cli", "export", "--source", f"s3://{world['source']}/site-a",
+    argv = [sys.executable, "-m", "mediaseal.agent.cli", "export", "--source", f"s3://{world['source']}/site-a",
             "--dest", f"s3://{dest}/case-3", "--keyring", str(world["ring"]), "--sse", "AES256",
             "--concurrency", "1"]
     proc = subprocess.Popen([*argv, "--endpoint-url", fault_proxy.url], env=env, stderr=subprocess.PIPE,
@@ -351,7 +351,7 @@ def test_file_source_with_the_progress_bar(moto_server, world, tmp_path):
     import s3_support
     from rich.console import Console
 
-    from export.bulk import ExportOptions, RichProgress, run_export
+    from mediaseal.export.bulk import ExportOptions, RichProgress, run_export
 
     url = moto_server.url
     repo = tmp_path / "repo"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from uploader import FilesystemRepository, PermanentRepositoryError, TransientRepositoryError, Upload
+from mediaseal.uploader import FilesystemRepository, PermanentRepositoryError, TransientRepositoryError, Upload
 
 
 def package(tmp_path: Path, data: bytes) -> Upload:

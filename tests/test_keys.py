@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-import codec
-import keys.keyring
-from keys import (
+import mediaseal.keys.keyring
+from mediaseal import codec
+from mediaseal.keys import (
     ACTIVE,
     DECRYPT_ONLY,
     PENDING,
@@ -45,7 +45,7 @@ from keys import (
     thumbprint,
     verify_keyset,
 )
-from keys.jwk import b64url_decode, b64url_encode
+from mediaseal.keys.jwk import b64url_decode, b64url_encode
 
 PW = b"correct horse battery staple"
 
@@ -63,7 +63,7 @@ RFC7638_THUMBPRINT = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 @pytest.fixture(scope="module")
 def pool() -> list[rsa.RSAPrivateKey]:
-    return [keys.keyring.generate_kek() for _ in range(4)]
+    return [mediaseal.keys.keyring.generate_kek() for _ in range(4)]
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,7 @@ def _pooled_keks(pool, monkeypatch):
         assert kek is not None, "test needs more pooled KEKs than the pool holds"
         return kek
 
-    monkeypatch.setattr(keys.keyring, "generate_kek", next_kek)
+    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", next_kek)
     monkeypatch.delenv("MEDIASEAL_KEYRING_PASSPHRASE", raising=False)
 
 

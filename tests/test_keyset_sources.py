@@ -20,15 +20,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from keyset_support import KeySetServer, TestCA
 
-import keys.keyring
-from agent import metrics
-from agent.config import KeysConfig
-from agent.keysource import PublicKeys
-from keys.errors import BadSignatureError, KeySetExpiredError, KeySetFormatError
-from keys.jwk import b64url_encode, public_jwk, thumbprint
-from keys.keyring import Keyring
-from keys.keyset import load_signer, signer_id
-from keys.sources import (
+import mediaseal.keys.keyring
+from mediaseal.agent import metrics
+from mediaseal.agent.config import KeysConfig
+from mediaseal.agent.keysource import PublicKeys
+from mediaseal.keys.errors import BadSignatureError, KeySetExpiredError, KeySetFormatError
+from mediaseal.keys.jwk import b64url_encode, public_jwk, thumbprint
+from mediaseal.keys.keyring import Keyring
+from mediaseal.keys.keyset import load_signer, signer_id
+from mediaseal.keys.sources import (
     FileSource,
     HttpsSource,
     KeySetFollower,
@@ -41,13 +41,13 @@ from keys.sources import (
 
 @pytest.fixture(scope="module")
 def kek_pool() -> list[rsa.RSAPrivateKey]:
-    return [keys.keyring.generate_kek() for _ in range(3)]
+    return [mediaseal.keys.keyring.generate_kek() for _ in range(3)]
 
 
 @pytest.fixture(autouse=True)
 def _pooled(kek_pool, monkeypatch):
     it = iter(kek_pool)
-    monkeypatch.setattr(keys.keyring, "generate_kek", lambda: next(it))
+    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", lambda: next(it))
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-import codec
-from keys.errors import KeyringFormatError
-from keys.keyring import KMS, Keyring
-from keys.keyset import load_signer, verify_keyset
-from keys.kms import KmsOptions, KmsProtector, KmsRefusedError, KmsUnavailableError, encryption_context
-from keys.protect import key_aad
+from mediaseal import codec
+from mediaseal.keys.errors import KeyringFormatError
+from mediaseal.keys.keyring import KMS, Keyring
+from mediaseal.keys.keyset import load_signer, verify_keyset
+from mediaseal.keys.kms import KmsOptions, KmsProtector, KmsRefusedError, KmsUnavailableError, encryption_context
+from mediaseal.keys.protect import key_aad
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_init_refused_by_kms_leaves_nothing(kms, tmp_path) -> None:
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=120)
 
 

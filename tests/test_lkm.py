@@ -23,12 +23,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-import codec
-from keys.keyring import Keyring
-from keys.keyset import load_signer, verify_keyset
-from keys.lkm.auth import hawk_header, sign_request
-from keys.lkm.client import ClientCredential, LKMClient, rewrap_package
-from keys.lkm.errors import (
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
+from mediaseal.keys.keyset import load_signer, verify_keyset
+from mediaseal.keys.lkm.auth import hawk_header, sign_request
+from mediaseal.keys.lkm.client import ClientCredential, LKMClient, rewrap_package
+from mediaseal.keys.lkm.errors import (
     ForbiddenError,
     KeyServiceUnreachableError,
     LKMUnknownKeyError,
@@ -37,7 +37,7 @@ from keys.lkm.errors import (
     UnauthenticatedError,
     UnwrapFailedError,
 )
-from keys.lkm.service import PKCS1_REFUSAL, keypair_id
+from mediaseal.keys.lkm.service import PKCS1_REFUSAL, keypair_id
 
 CLIENTS = [
     {"name": "export-1", "roles": ["unwrap"], "cert_names": ["export-1"],
@@ -504,8 +504,8 @@ def test_genesys_stale_hawk_gets_the_server_time(server: ls.LKMServer, world: di
 
 def test_rotation_schedule_hook_runs_and_republishes(world: dict[str, Any], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The service calls keys.rotation.rotate_if_due(keyring, passphrase); a change re-signs the key set."""
-    import keys.rotation
+    """The service calls mediaseal.keys.rotation.rotate_if_due(keyring, passphrase); a change re-signs the key set."""
+    import mediaseal.keys.rotation
 
     calls: list[str] = []
 
@@ -514,7 +514,7 @@ def test_rotation_schedule_hook_runs_and_republishes(world: dict[str, Any], tmp_
         keyring.rotate(passphrase, pending=True)
         return "added a pending key"
 
-    monkeypatch.setattr(keys.rotation, "rotate_if_due", fake_rotate_if_due)
+    monkeypatch.setattr(mediaseal.keys.rotation, "rotate_if_due", fake_rotate_if_due)
     Keyring.init(tmp_path / "kr", ls.PASSPHRASE)
     cfg = ls.config(tmp_path / "srv", tmp_path / "kr", world["pki"], world["clients"], rotation_check=3600)
     with ls.LKMServer(cfg) as srv:

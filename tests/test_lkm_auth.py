@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keys.lkm.auth import (
+from mediaseal.keys.lkm.auth import (
     FAMILY_HAWK,
     FAMILY_V1,
     MODE_ANY,
@@ -30,7 +30,7 @@ from keys.lkm.auth import (
     parse_authorization,
     sign_request,
 )
-from keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
+from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
 
 # The Hawk README's "Protocol Example" and "Payload Validation" (hueniverse/hawk, as in hapijs/hawk's
 # test/readme.js): these credentials, this request, these published values.

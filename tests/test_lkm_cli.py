@@ -19,10 +19,10 @@ from typing import Any
 import lkm_support as ls
 import pytest
 
-import codec
-from keys.keyring import Keyring
-from keys.lkm.audit import AuditChainError, verify_audit_log
-from keys.lkm.client import LKMClient, load_client_credential
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
+from mediaseal.keys.lkm.audit import AuditChainError, verify_audit_log
+from mediaseal.keys.lkm.client import LKMClient, load_client_credential
 
 CLIENTS = [{"name": "export-1", "roles": ["unwrap"], "cert_names": ["export-1"],
             "credentials": [{"id": "exp-a", "secret": ls.secret("exp-a")}]}]
@@ -31,7 +31,7 @@ CLIENTS = [{"name": "export-1", "roles": ["unwrap"], "cert_names": ["export-1"],
 def ms(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *map(str, args)], env=e, capture_output=True,
                           timeout=timeout, check=False)
 
 
@@ -111,7 +111,7 @@ def test_lkm_serve_as_a_process(world: dict[str, Any], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
     env["MEDIASEAL_KEYRING_PASSPHRASE"] = ls.PASSPHRASE.decode()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "lkm", "serve", "--keyring", str(d / "keyring"),
+        [sys.executable, "-m", "mediaseal.agent.cli", "lkm", "serve", "--keyring", str(d / "keyring"),
          "--clients", str(world["clients"]), "--audit-log", str(audit), "--tls-cert", str(world["pki"].server_cert),
          "--tls-key", str(world["pki"].server_key), "--listen", "127.0.0.1:0", "--rotation-check", "0"],
         env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -212,7 +212,7 @@ UNIT = Path(__file__).resolve().parent.parent / "packaging" / "systemd" / "media
 
 
 def test_lkm_unit_runs_a_real_command_line_hardened() -> None:
-    from agent.cli import build_parser
+    from mediaseal.agent.cli import build_parser
 
     d: dict[str, list[str]] = {}
     for raw in UNIT.read_text().splitlines():

@@ -16,9 +16,9 @@ import lkm_support as ls
 import pytest
 from aiohttp import web
 
-import codec
-from keys.lkm.client import ClientCredential, LKMClient, load_client_credential
-from keys.lkm.errors import (
+from mediaseal import codec
+from mediaseal.keys.lkm.client import ClientCredential, LKMClient, load_client_credential
+from mediaseal.keys.lkm.errors import (
     KeyServiceUnreachableError,
     LKMConfigError,
     OverloadedError,

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from agent_harness import ROOT, Agent, Setup, make_keyring
 
-from agent import metrics
-from agent.cli import build_parser
-from agent.config import (
+from mediaseal.agent import metrics
+from mediaseal.agent.cli import build_parser
+from mediaseal.agent.config import (
     AgentConfig,
     BufferConfig,
     KeysConfig,

@@ -13,9 +13,9 @@ import pytest
 from conftest import CodecTestKek, CodecTestKeyring
 from s3_support import FaultProxy, MotoServer, boto3_client
 
-import codec
-from export.playback import RemotePackage
-from export.source import SourceNotFoundError, open_source, split_url
+from mediaseal import codec
+from mediaseal.export.playback import RemotePackage
+from mediaseal.export.source import SourceNotFoundError, open_source, split_url
 
 CS = 4096
 STRIDE = CS + codec.TAG_SIZE
@@ -171,7 +171,7 @@ def test_cli_decrypts_s3_url_with_offset_and_length(moto_server: MotoServer, s3_
     env |= {"MEDIASEAL_KEYRING_PASSPHRASE": "pb", "AWS_ENDPOINT_URL_S3": fault_proxy.url}
 
     def ms(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], env=env,
+        return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *map(str, args)], env=env,
                               capture_output=True, timeout=60, check=False)
 
     ring = tmp_path / "kr"
@@ -206,8 +206,8 @@ async def test_lkm_key_provider_over_a_repository(moto_server: MotoServer, s3_bu
     """The LKM client (a synchronous unwrap that runs its own loop) works from RemotePackage's worker thread."""
     import lkm_support as ls
 
-    from keys.keyring import Keyring
-    from keys.lkm.client import client_from_options
+    from mediaseal.keys.keyring import Keyring
+    from mediaseal.keys.lkm.client import client_from_options
 
     ring = Keyring.init(tmp_path / "keyring", ls.PASSPHRASE)
     pki = ls.make_pki(tmp_path / "pki", ("export-1",))

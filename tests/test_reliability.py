@@ -47,7 +47,7 @@ from reliability_support import (
 )
 from s3_support import Rule, boto3_client
 
-from keys.keyring import Keyring
+from mediaseal.keys.keyring import Keyring
 
 MiB = 1 << 20
 CRASH_EXIT = 86

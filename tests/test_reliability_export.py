@@ -48,8 +48,8 @@ from custody_support import (
 )
 from reliability_support import Check, assert_zero, plaintext_hits, record, sized
 
-from keys.keyring import Keyring
-from keys.kms import KmsOptions
+from mediaseal.keys.keyring import Keyring
+from mediaseal.keys.kms import KmsOptions
 
 EXPORT = "export"
 MiB = 1 << 20
@@ -150,7 +150,7 @@ def test_lkm_sigkilled_mid_export(tmp_path: Path, lkm_world: LKMWorld, moto_serv
         checks[-1].orphans += partial.half
     lkm.stop()
     assert snapshot_s3(s3, source) == repository
-    from keys.lkm.audit import verify_audit_log
+    from mediaseal.keys.lkm.audit import verify_audit_log
 
     verify_audit_log(audit)  # the chain survived the SIGKILLs
     check = merge(checks)

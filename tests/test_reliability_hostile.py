@@ -39,10 +39,10 @@ import pytest
 from hostile_support import Outcome, ServerProcess, connect, exchange
 from reliability_support import SOAK, Hostile, hostile, sized
 
-import codec
-from keys.keyring import Keyring
-from keys.lkm.auth import hawk_header, sign_request
-from keys.lkm.service import keypair_id
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
+from mediaseal.keys.lkm.auth import hawk_header, sign_request
+from mediaseal.keys.lkm.service import keypair_id
 
 MiB = 1 << 20
 KEEPALIVE = 15.0 if SOAK else 2.0  # seconds a connection may take to send a whole request (production: 15)
@@ -352,7 +352,7 @@ def mutate(raw: bytes, rng: random.Random) -> bytes:
 def test_range_positions_are_ascii_digits_of_any_length() -> None:
     """A Range of more than 4300 digits was a ValueError from int() (a 500 and a traceback); digits of other
     scripts (which `\\d` and int() take) made a range of what RFC 9110 says is not one."""
-    from export.serve import UNSATISFIABLE, parse_range
+    from mediaseal.export.serve import UNSATISFIABLE, parse_range
 
     assert parse_range("bytes=0-" + "9" * 5000, 100) == (0, 99)
     assert parse_range("bytes=" + "9" * 5000 + "-", 100) == UNSATISFIABLE
@@ -365,8 +365,8 @@ def test_range_positions_are_ascii_digits_of_any_length() -> None:
 def test_a_hawk_host_header_that_is_not_ascii_is_unauthenticated() -> None:
     """Header bytes that are not UTF-8 arrive as lone surrogates; the Hawk MAC string could not encode them
     (a 500 and a traceback for an unauthenticated request)."""
-    from keys.lkm.auth import split_host
-    from keys.lkm.errors import UnauthenticatedError
+    from mediaseal.keys.lkm.auth import split_host
+    from mediaseal.keys.lkm.errors import UnauthenticatedError
 
     assert split_host("localhost:8443", 443) == ("localhost", 8443)
     assert split_host("[::1]", 443) == ("[::1]", 443)
@@ -378,7 +378,7 @@ def test_a_hawk_host_header_that_is_not_ascii_is_unauthenticated() -> None:
 def test_a_hawk_content_type_that_is_not_utf8_does_not_match() -> None:
     """A Content-Type of bytes that are not UTF-8 (lone surrogates) under a valid Hawk MAC was a 500 and a
     traceback when the payload hash was computed; now it is hashed as sent and simply does not match."""
-    from keys.lkm.auth import hawk_payload_hash
+    from mediaseal.keys.lkm.auth import hawk_payload_hash
 
     assert hawk_payload_hash(b"{}", "application/\udcff\udcfejson") != hawk_payload_hash(b"{}", "application/json")
 
@@ -390,7 +390,7 @@ def test_malformed_requests_are_logged_in_one_line(caplog: pytest.LogCaptureFixt
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from keys.lkm.service import http_protocol_logger
+    from mediaseal.keys.lkm.service import http_protocol_logger
 
     log = http_protocol_logger("mediaseal.test.http")
     caplog.set_level(logging.DEBUG, "mediaseal.test.http")

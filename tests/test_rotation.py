@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyset_support import KeySetServer, TestCA
 from test_keyset_sources import tampered
 
-import codec
-import keys.keyring
-from keys.errors import KeyStateError
-from keys.jwk import thumbprint
-from keys.keyring import Keyring, RotationSchedule
-from keys.keyset import parse_time
-from keys.rotation import (
+import mediaseal.keys.keyring
+from mediaseal import codec
+from mediaseal.keys.errors import KeyStateError
+from mediaseal.keys.jwk import thumbprint
+from mediaseal.keys.keyring import Keyring, RotationSchedule
+from mediaseal.keys.keyset import parse_time
+from mediaseal.keys.rotation import (
     KeyInUseError,
     add_period,
     next_rotation,
@@ -39,13 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def kek_pool() -> list[rsa.RSAPrivateKey]:
-    return [keys.keyring.generate_kek() for _ in range(4)]
+    return [mediaseal.keys.keyring.generate_kek() for _ in range(4)]
 
 
 @pytest.fixture(autouse=True)
 def _pooled(kek_pool, monkeypatch):
     it = iter(kek_pool)
-    monkeypatch.setattr(keys.keyring, "generate_kek", lambda: next(it))
+    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", lambda: next(it))
 
 
 def t(text: str) -> datetime:
@@ -102,7 +102,7 @@ def test_rotate_if_due_with_injected_clock(tmp_path) -> None:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *args], capture_output=True, text=True,
                           env={**base, **(env or {})}, cwd=ROOT, timeout=120)
 
 

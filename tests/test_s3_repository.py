@@ -26,10 +26,10 @@ import pytest
 from botocore.exceptions import FlexibleChecksumError
 from s3_support import FaultProxy, MotoServer, boto3_client, make_bucket, make_kms_key
 
-import uploader.s3 as s3mod
-from uploader import PermanentRepositoryError, TransientRepositoryError, Upload, open_repository
-from uploader.breaker import CircuitBreaker
-from uploader.s3 import MAX_PARTS, MiB, S3Options, S3Repository, plan_part_size
+from mediaseal.uploader import PermanentRepositoryError, TransientRepositoryError, Upload, open_repository
+from mediaseal.uploader import s3 as s3mod
+from mediaseal.uploader.breaker import CircuitBreaker
+from mediaseal.uploader.s3 import MAX_PARTS, MiB, S3Options, S3Repository, plan_part_size
 
 pytestmark = pytest.mark.timeout(60)
 

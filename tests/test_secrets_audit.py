@@ -20,8 +20,8 @@ import secrets_audit
 from agent_harness import PASSPHRASE, Agent, Setup, drop, make_keyring
 from secrets_audit import Registry, Tree, audit
 
-import codec
-from keys.keyring import Keyring
+from mediaseal import codec
+from mediaseal.keys.keyring import Keyring
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_the_hooks_register_agents_scrapes_and_command_lines(tmp_path: Path, key
     assert agent.stop() == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
     env["MEDIASEAL_KEYRING_PASSPHRASE"] = "a passphrase this command was given"
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "keys", "list", "--keyring", str(setup.keyring)],
+    r = subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", "keys", "list", "--keyring", str(setup.keyring)],
                        capture_output=True, env=env, check=False)
     assert r.returncode == 0, r.stderr
     agent_harness.reap()  # what the conftest fixture does after the test

@@ -23,8 +23,8 @@ from multidict import CIMultiDict
 from s3_support import FaultProxy, MotoServer
 from test_playback import CS, KEY, make_package, put
 
-from export.serve import UNSATISFIABLE, AuditLog, PlaybackServer, ServeError, load_tokens, parse_range
-from export.source import open_source
+from mediaseal.export.serve import UNSATISFIABLE, AuditLog, PlaybackServer, ServeError, load_tokens, parse_range
+from mediaseal.export.source import open_source
 
 TOKEN = "t" * 40
 SIZE = 30 * CS + 777
@@ -162,7 +162,7 @@ async def test_authentication_is_required(server: Running) -> None:
 
 async def test_tampered_packages_send_no_unauthenticated_bytes(server: Running, moto_server: MotoServer,
                                                                codec_kek: CodecTestKek, media: bytes) -> None:
-    import codec
+    from mediaseal import codec
 
     package = make_package(codec_kek, media)
     hs = codec.parse_header(package).size
@@ -197,7 +197,7 @@ async def test_tampered_packages_send_no_unauthenticated_bytes(server: Running, 
 async def test_seeks_cost_one_ranged_get_and_replaced_objects_reopen(
         fault_proxy: FaultProxy, s3_bucket: str, tmp_path: Path, codec_kek: CodecTestKek,
         codec_keyring: type[CodecTestKeyring], media: bytes) -> None:
-    import codec
+    from mediaseal import codec
 
     package = make_package(codec_kek, media)
     put(fault_proxy.url, s3_bucket, KEY, package)
@@ -245,7 +245,7 @@ def test_refuses_to_start_without_authentication(tmp_path: Path) -> None:
 
 async def test_mtls_client_certificate_is_required(tmp_path: Path, codec_kek: CodecTestKek,
                                                    codec_keyring: type[CodecTestKeyring], media: bytes) -> None:
-    from keys.lkm.service import server_ssl_context
+    from mediaseal.keys.lkm.service import server_ssl_context
 
     pki = make_pki(tmp_path / "pki", ("player-1",))
     (tmp_path / "repo").mkdir()
@@ -279,7 +279,7 @@ async def test_mtls_client_certificate_is_required(tmp_path: Path, codec_kek: Co
 def test_cli_serve_end_to_end(tmp_path: Path, media: bytes) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
     env["MEDIASEAL_KEYRING_PASSPHRASE"] = "pb"
-    cli = [sys.executable, "-m", "agent.cli"]
+    cli = [sys.executable, "-m", "mediaseal.agent.cli"]
     ring, repo = tmp_path / "kr", tmp_path / "repo"
     assert subprocess.run([*cli, "keys", "init", "--keyring", ring], env=env, capture_output=True).returncode == 0
     (tmp_path / "in.ogg").write_bytes(media)

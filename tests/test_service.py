@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from agent_harness import ROOT, Agent, Setup, drop, make_keyring
 
-from agent.service import Notifier, notify_address, watchdog_seconds
-from buffer.spool import Manifest
+from mediaseal.agent.service import Notifier, notify_address, watchdog_seconds
+from mediaseal.buffer.spool import Manifest
 
 WATCHDOG_USEC = 1_200_000  # WatchdogSec=1.2 s: pings must come less than 0.6 s apart (they come every 0.4 s)
 
@@ -308,9 +308,9 @@ def test_listener_that_cannot_bind_is_a_clear_error(setup: Setup) -> None:
 
 def status_cmd(setup: Setup, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-    return subprocess.run([sys.executable, "-m", "agent.cli", "status", "--config", str(setup.root / "mediaseal.toml"),
-                           *args], capture_output=True, text=True, env={**inherited, **(env or {})}, cwd=ROOT,
-                          timeout=30, check=False)
+    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", "status", "--config",
+                           str(setup.root / "mediaseal.toml"), *args], capture_output=True, text=True,
+                          env={**inherited, **(env or {})}, cwd=ROOT, timeout=30, check=False)
 
 
 def write_manifest(packages: Path, rid: str, state: str, created_at: float, attempts: int = 0,

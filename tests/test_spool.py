@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from buffer.spool import SPOOLED, VERIFIED, Manifest, Spool, SpoolError
+from mediaseal.buffer.spool import SPOOLED, VERIFIED, Manifest, Spool, SpoolError
 
 
 def committed(spool: Spool, rid: str, data: bytes = b"ciphertext" * 100) -> Manifest:
@@ -76,7 +76,7 @@ def test_commit_interrupted_before_its_fsync_with_only_the_manifest_on_disk(tmp_
 
 def test_staging_file_starts_writeback_and_keeps_every_byte(tmp_path: Path) -> None:
     """Writes past WRITEBACK_STEP ask the kernel to start writing (Linux); the bytes are the same."""
-    from buffer import spool as spool_module
+    from mediaseal.buffer import spool as spool_module
 
     spool = Spool(tmp_path / "spool", 1 << 30, min_free_bytes=0)
     data = os.urandom(spool_module.WRITEBACK_STEP * 2 + 12345)

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import WatchConfig
-from agent.metrics import REGISTRY
-from agent.watcher import Candidate, FileIdentity, Watcher, is_temp_name
+from mediaseal.agent.config import WatchConfig
+from mediaseal.agent.metrics import REGISTRY
+from mediaseal.agent.watcher import Candidate, FileIdentity, Watcher, is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,9 +265,9 @@ async def test_missing_capture_directory_is_reported_and_retried(tmp_path: Path,
 UNREADABLE_SCRIPT = textwrap.dedent("""
     import asyncio, json, logging, os, tempfile, time
     from pathlib import Path
-    from agent.config import WatchConfig
-    from agent.metrics import REGISTRY
-    from agent.watcher import Watcher
+    from mediaseal.agent.config import WatchConfig
+    from mediaseal.agent.metrics import REGISTRY
+    from mediaseal.agent.watcher import Watcher
 
     def count(name):
         return REGISTRY.get_sample_value(name) or 0.0

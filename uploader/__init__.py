@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from uploader.base import (
+from mediaseal.uploader.base import (
     PermanentRepositoryError,
     Receipt,
     Repository,
@@ -15,8 +15,8 @@ from uploader.base import (
     Upload,
     repository_key,
 )
-from uploader.breaker import CircuitBreaker
-from uploader.filesystem import FilesystemRepository
+from mediaseal.uploader.breaker import CircuitBreaker
+from mediaseal.uploader.filesystem import FilesystemRepository
 
 __all__ = [
     "CircuitBreaker", "FilesystemRepository", "PermanentRepositoryError", "Receipt", "Repository", "RepositoryError",
@@ -38,7 +38,7 @@ def open_repository(url: str, **options: Any) -> Repository:
     if parsed.scheme == "s3":
         import dataclasses
 
-        from uploader.s3 import S3Options, S3Repository  # imports aioboto3: only when S3 is used
+        from mediaseal.uploader.s3 import S3Options, S3Repository  # imports aioboto3: only when S3 is used
 
         known = {f.name for f in dataclasses.fields(S3Options)}
         unknown = sorted(set(options) - known)

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 
-from uploader.base import TransientRepositoryError
+from mediaseal.uploader.base import TransientRepositoryError
 
 __all__ = ["CircuitBreaker"]
 

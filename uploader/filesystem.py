@@ -16,7 +16,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from uploader.base import PermanentRepositoryError, Receipt, TransientRepositoryError, Upload
+from mediaseal.uploader.base import PermanentRepositoryError, Receipt, TransientRepositoryError, Upload
 
 _BLOCK = 1 << 20
 # Errors an operator must fix (they won't pass by waiting); everything else is retried.

@@ -70,7 +70,7 @@ from botocore.exceptions import (
     UnknownEndpointError,
 )
 
-from uploader.base import PermanentRepositoryError, Receipt, RepositoryError, TransientRepositoryError, Upload
+from mediaseal.uploader.base import PermanentRepositoryError, Receipt, RepositoryError, TransientRepositoryError, Upload
 
 __all__ = [
     "MAX_PARTS", "MIN_PART_SIZE", "S3Options", "S3PermanentError", "S3Repository", "S3TransientError",

@@ -11,7 +11,7 @@
 Importing this package imports no web framework; the service and client modules import aiohttp.
 """
 
-from keys.lkm.errors import (
+from mediaseal.keys.lkm.errors import (
     ERROR_CLASSES,
     STATUS,
     KeyServiceUnreachableError,

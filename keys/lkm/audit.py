@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keys.lkm.errors import LKMConfigError, LKMError, UnavailableError
+from mediaseal.keys.lkm.errors import LKMConfigError, LKMError, UnavailableError
 
 GENESIS = "0" * 64
 VERSION = 1

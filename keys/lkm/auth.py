@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
+from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
 
 UNWRAP, ADMIN, PUBLISH = "unwrap", "admin", "publish"
 ROLES = (UNWRAP, ADMIN, PUBLISH)

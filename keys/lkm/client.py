@@ -38,9 +38,9 @@ from typing import Any, BinaryIO, TypeVar
 import aiohttp
 from yarl import URL
 
-import codec
-from keys.lkm.auth import MIN_SECRET_CHARS, sign_request
-from keys.lkm.errors import (
+from mediaseal import codec
+from mediaseal.keys.lkm.auth import MIN_SECRET_CHARS, sign_request
+from mediaseal.keys.lkm.errors import (
     ERROR_CLASSES,
     RETRYABLE_CODES,
     KeyServiceUnreachableError,

@@ -25,8 +25,8 @@ Nothing else is ever sent, so callers can rely on the set (scripts match on `cod
 
 from __future__ import annotations
 
-from codec import AuthenticationError
-from keys.errors import KeysError
+from mediaseal.codec import AuthenticationError
+from mediaseal.keys.errors import KeysError
 
 STATUS: dict[str, int] = {
     "bad_request": 400,

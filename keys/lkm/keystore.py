@@ -19,12 +19,12 @@ from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from codec import RSA_OAEP, AuthenticationError, Wrap, unwrap_dek, wrap_dek
-from codec.wrap import oaep_padding
-from keys.errors import KeyStateError, UnknownKeyError
-from keys.keyring import KeyRecord, Keyring
-from keys.keyset import ENCRYPTABLE_STATES, RETIRED
-from keys.lkm.errors import BadRequestError, ConflictError, LKMUnknownKeyError, UnwrapFailedError
+from mediaseal.codec import RSA_OAEP, AuthenticationError, Wrap, unwrap_dek, wrap_dek
+from mediaseal.codec.wrap import oaep_padding
+from mediaseal.keys.errors import KeyStateError, UnknownKeyError
+from mediaseal.keys.keyring import KeyRecord, Keyring
+from mediaseal.keys.keyset import ENCRYPTABLE_STATES, RETIRED
+from mediaseal.keys.lkm.errors import BadRequestError, ConflictError, LKMUnknownKeyError, UnwrapFailedError
 
 T = TypeVar("T")
 UNWRAP_FAILED = "the wrap does not decrypt under key {kid}"  # one message for bad padding and wrong key

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keys.keyset import DEFAULT_TTL_SECONDS
-from keys.lkm.auth import DEFAULT_WINDOW, MODES
+from mediaseal.keys.keyset import DEFAULT_TTL_SECONDS
+from mediaseal.keys.lkm.auth import DEFAULT_WINDOW, MODES
 
 if TYPE_CHECKING:
-    from keys.lkm.client import LKMClient
+    from mediaseal.keys.lkm.client import LKMClient
 
 
 def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def add_client_arguments(sp: argparse.ArgumentParser) -> None:
 
 def client_from_args(args: Any) -> LKMClient:
     """The LKMClient for --lkm options (imports aiohttp only now)."""
-    from keys.lkm.client import client_from_options
+    from mediaseal.keys.lkm.client import client_from_options
 
     return client_from_options(args.lkm, credentials=args.lkm_credentials, ca=args.lkm_ca, cert=args.lkm_cert,
                                key=args.lkm_key, timeout=args.lkm_timeout)
@@ -79,13 +79,13 @@ def client_from_args(args: Any) -> LKMClient:
 
 def audit_verify_command(args: Any) -> None:
     """`mediaseal lkm audit-verify FILE`: ok line on stdout and exit 0; else AuditChainError (exit 1)."""
-    from keys.lkm.audit import verify_audit_log
+    from mediaseal.keys.lkm.audit import verify_audit_log
 
     summary = verify_audit_log(args.file, expect_head=args.expect_head)
     print(f"ok: {args.file}: {summary.lines} lines, chain intact, head {summary.head}", file=sys.stdout)
 
 
 def serve_command(args: Any) -> None:
-    from keys.lkm.service import serve_command as serve
+    from mediaseal.keys.lkm.service import serve_command as serve
 
     serve(args)

@@ -57,12 +57,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from cryptography.hazmat.primitives import serialization
 
-import codec
-from keys.jwk import KID_PATTERN
-from keys.keyring import KeyRecord, passphrase_from
-from keys.keyset import DEFAULT_TTL_SECONDS, STATES, parse_time, strict_json
-from keys.lkm.audit import AuditLog
-from keys.lkm.auth import (
+from mediaseal import codec
+from mediaseal.keys.jwk import KID_PATTERN
+from mediaseal.keys.keyring import KeyRecord, passphrase_from
+from mediaseal.keys.keyset import DEFAULT_TTL_SECONDS, STATES, parse_time, strict_json
+from mediaseal.keys.lkm.audit import AuditLog
+from mediaseal.keys.lkm.auth import (
     ADMIN,
     FAMILY_HAWK,
     FAMILY_V1,
@@ -79,7 +79,7 @@ from keys.lkm.auth import (
     RequestFacts,
     cert_names,
 )
-from keys.lkm.errors import (
+from mediaseal.keys.lkm.errors import (
     BadRequestError,
     ConflictError,
     ForbiddenError,
@@ -96,7 +96,7 @@ from keys.lkm.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from keys.lkm.keystore import KeyLoader, KeyStore, open_keyring
+from mediaseal.keys.lkm.keystore import KeyLoader, KeyStore, open_keyring
 
 _log = logging.getLogger("mediaseal.lkm")
 T = TypeVar("T")
@@ -449,7 +449,7 @@ class LKMService:
         # `rotation_check` seconds, under the store's lock, and a change republishes the key set.
         # (Looked up at run time so the service still runs where keys.rotation is absent.)
         try:
-            rotation = importlib.import_module("keys.rotation")
+            rotation = importlib.import_module("mediaseal.keys.rotation")
         except ModuleNotFoundError:
             return
         rotate_if_due = getattr(rotation, "rotate_if_due", None)
