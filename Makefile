@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	touch $(STAMP)
 
 $(WHEEL): $(SOURCES) $(STAMP)
-	rm -rf build dist/mediaseal-*.whl
+	rm -rf build/lib build/bdist.* *.egg-info dist/mediaseal-*.whl
 	$(PIP) wheel -q --no-deps -w dist . >/dev/null
+	rm -rf build/lib build/bdist.* *.egg-info
 	@test -f $(WHEEL) || { echo "make: the build made no $(WHEEL)"; exit 1; }
 
 wheel: $(WHEEL)  ## dist/mediaseal-<version>-py3-none-any.whl
