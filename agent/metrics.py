@@ -5,7 +5,10 @@ Every failure the daemon meets increments one of these and logs one line (DESIGN
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import importlib.metadata
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -52,3 +55,15 @@ READY = Gauge("mediaseal_ready", "1 when /readyz answers 200 (keys valid, spool 
               registry=REGISTRY)
 SPOOL_CAPACITY = Gauge("mediaseal_spool_capacity_bytes", "The spool's configured capacity ([buffer] max_bytes)",
                        registry=REGISTRY)
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    try:
+        return importlib.metadata.version("mediaseal")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO = Info("mediaseal_build", "The running mediaseal's version and Python", registry=REGISTRY)
+BUILD_INFO.info({"version": _version(), "python": platform.python_version()})

@@ -43,6 +43,7 @@ from mediaseal.keys.keyset import (
     STATES,
     KeySet,
     KeySetKey,
+    KeyState,
     build_keyset,
     load_signer,
     signer_id,
@@ -53,7 +54,8 @@ from mediaseal.keys.protect import MasterKeyProtector, PassphraseProtector, Prot
 __all__ = [
     "ACTIVE", "DECRYPT_ONLY", "FORMAT", "MASTER_KEY", "PASSPHRASE", "PASSPHRASE_ENV", "PENDING", "RETIRED",
     "STATES", "BadSignatureError", "InvalidJWKError", "KeyRecord", "KeySet", "KeySetError", "KeySetExpiredError",
-    "KeySetFormatError", "KeySetKey", "KeyStateError", "Keyring", "KeyringExistsError", "KeyringFormatError",
+    "KeySetFormatError", "KeySetKey", "KeyState", "KeyStateError", "Keyring", "KeyringExistsError",
+    "KeyringFormatError",
     "KeyringLockedError", "KeyringNotFoundError", "KeyringUnwrapper", "KeysError", "MasterKeyProtector",
     "PassphraseProtector", "PassphraseRequiredError", "PassphraseSourceError", "Protector", "UnknownKeyError",
     "WrongPassphraseError", "build_keyset", "generate_kek", "key_aad", "load_signer", "passphrase_from",

@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -70,6 +69,7 @@ from mediaseal.keys.keyset import (
 )
 from mediaseal.keys.kms import KmsOptions, KmsProtector
 from mediaseal.keys.protect import MASTER_KEY_SIZE, MasterKeyProtector, PassphraseProtector, Protector, key_aad
+from mediaseal.plumbing.durable import fsync_dir, write_atomic
 
 FORMAT = "mediaseal-keyring/1"
 PASSPHRASE, MASTER_KEY, KMS = "passphrase", "master-key", "kms"
@@ -226,12 +226,12 @@ class Keyring:
             protector, protection = PassphraseProtector(passphrase), PASSPHRASE
         else:
             master = secrets.token_bytes(MASTER_KEY_SIZE)
-            _write_atomic(path / _MASTER_KEY, master)
+            write_atomic(path / _MASTER_KEY, master)
             protector, protection = MasterKeyProtector(master), MASTER_KEY
         if kms_key_id is None:
             signer_envelope = protector.seal(_pkcs8(signer), key_aad(SIGNER_PURPOSE, sid))
         _write_json(path / _PRIVATE / _SIGNER_PRIVATE, signer_envelope)
-        _write_atomic(path / _SIGNER_PEM, _spki_pem(signer.public_key()))
+        write_atomic(path / _SIGNER_PEM, _spki_pem(signer.public_key()))
         kek = generate_kek()
         kid = thumbprint(kek.public_key())
         _store_kek(path, kid, kek, protector)
@@ -247,7 +247,7 @@ class Keyring:
         }
         # keyring.json last: it is the commit point; a crash before it leaves no keyring, only files.
         _write_json(path / _KEYRING_JSON, doc)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return cls(path, kms=kms)
 
     # -- public side ---------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def _load_signer_pem(path: Path) -> ed25519.Ed25519PublicKey:
 
 def _store_kek(path: Path, kid: str, kek: rsa.RSAPrivateKey, protector: Protector) -> None:
     _write_json(path / _PRIVATE / f"{kid}.json", protector.seal(_pkcs8(kek), key_aad(KEK_PURPOSE, kid)))
-    _write_atomic(path / _PUBLIC / f"{kid}.pem", _spki_pem(kek.public_key()))
+    write_atomic(path / _PUBLIC / f"{kid}.pem", _spki_pem(kek.public_key()))
 
 
 def _pkcs8(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
@@ -654,28 +654,4 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (mode 0600) so that a crash leaves the old file or the new, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")

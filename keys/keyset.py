@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -35,8 +36,22 @@ from mediaseal.keys.errors import (
 from mediaseal.keys.jwk import KID_PATTERN, b64url_decode, b64url_encode, public_jwk, public_key_from_jwk, thumbprint
 
 FORMAT = "mediaseal-keyset/1"
-PENDING, ACTIVE, DECRYPT_ONLY, RETIRED = "pending", "active", "decrypt-only", "retired"
-STATES = (PENDING, ACTIVE, DECRYPT_ONLY, RETIRED)
+
+
+class KeyState(StrEnum):
+    """A KEK's life: published as pending (agents warm up), active (current), decrypt-only, retired.
+
+    A StrEnum, so key set documents and keyring.json keep the plain strings and compare equal to them.
+    """
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    DECRYPT_ONLY = "decrypt-only"
+    RETIRED = "retired"
+
+
+PENDING, ACTIVE, DECRYPT_ONLY, RETIRED = KeyState.PENDING, KeyState.ACTIVE, KeyState.DECRYPT_ONLY, KeyState.RETIRED
+STATES: tuple[KeyState, ...] = tuple(KeyState)
 ENCRYPTABLE_STATES = (PENDING, ACTIVE)  # packages may be sealed to these (pending: warm dual wrapping)
 CURRENT_KEY_BITS = 3072
 MIN_KEY_BITS = 2048

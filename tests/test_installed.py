@@ -64,3 +64,16 @@ def test_installed_console_script_starts_outside_the_tree(tmp_path: Path) -> Non
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     assert "run" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_build_info_metric_carries_the_version_written_in_pyproject() -> None:
+    import tomllib
+
+    from prometheus_client import generate_latest
+
+    from mediaseal.agent import metrics
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    text = generate_latest(metrics.REGISTRY).decode()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("mediaseal_build_info{")]
+    assert f'version="{version}"' in line and line.endswith(" 1.0"), line

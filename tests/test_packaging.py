@@ -388,8 +388,10 @@ def test_operations_documents_every_log_event() -> None:
 
 def test_operations_documents_every_metric() -> None:
     text = OPERATIONS.read_text()
-    # prometheus-client names a counter family without its "_total"; operators see the samples' names.
-    names = {m.name + ("_total" if m.type == "counter" else "") for m in metrics.REGISTRY.collect()}
+    # prometheus-client names a counter family without its "_total" (an info without its "_info");
+    # operators see the samples' names.
+    suffix = {"counter": "_total", "info": "_info"}
+    names = {m.name + suffix.get(m.type, "") for m in metrics.REGISTRY.collect()}
     missing = sorted(n for n in names if f"`{n}`" not in text)
     assert not missing, f"docs/OPERATIONS.md does not document the metrics {missing}"
     for metric in metrics.REGISTRY.collect():
