@@ -42,7 +42,7 @@ from reliability_support import SOAK, Hostile, hostile, sized
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
 from mediaseal.keys.lkm.auth import hawk_header, sign_request
-from mediaseal.keys.lkm.service import keypair_id
+from mediaseal.keys.lkm.genesys import keypair_id
 
 MiB = 1 << 20
 KEEPALIVE = 15.0 if SOAK else 2.0  # seconds a connection may take to send a whole request (production: 15)
@@ -390,7 +390,7 @@ def test_malformed_requests_are_logged_in_one_line(caplog: pytest.LogCaptureFixt
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from mediaseal.keys.lkm.service import http_protocol_logger
+    from mediaseal.plumbing.http import http_protocol_logger
 
     log = http_protocol_logger("mediaseal.test.http")
     caplog.set_level(logging.DEBUG, "mediaseal.test.http")

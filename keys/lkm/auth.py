@@ -43,11 +43,10 @@ import re
 import stat
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
 
@@ -503,13 +502,3 @@ def hawk_header(credential_id: str, key: bytes, method: str, resource: str, host
         parts.append(f'ext="{ext}"')
     parts.append(f'mac="{mac}"')
     return "Hawk " + ", ".join(parts)
-
-
-def cert_names(peercert: Mapping[str, Any] | None) -> frozenset[str] | None:
-    """The names of a verified peer certificate (ssl.getpeercert() form): SAN DNS/URI entries and the subject CN."""
-    if not peercert:
-        return None
-    names = {value for kind, value in peercert.get("subjectAltName", ()) if kind in ("DNS", "URI")}
-    for rdn in peercert.get("subject", ()):
-        names.update(value for key, value in rdn if key == "commonName")
-    return frozenset(names)
