@@ -43,7 +43,6 @@ import os
 import re
 import signal
 import ssl
-import stat
 import sys
 import time
 from collections import OrderedDict
@@ -59,6 +58,7 @@ from mediaseal import codec
 from mediaseal.export.playback import RemotePackage
 from mediaseal.export.source import PackageSource, SourceError, SourceNotFoundError, check_key, open_source
 from mediaseal.keys.errors import KeysError
+from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
 from mediaseal.plumbing.durable import write_all
 from mediaseal.plumbing.http import (
     KEEPALIVE_SECONDS,
@@ -149,12 +149,11 @@ def load_tokens(path: Path) -> list[tuple[str, bytes]]:
     The file must not be readable by group or others; tokens are at least 32 characters.
     """
     try:
-        st = path.stat()
-        text = path.read_text()
-    except OSError as e:
-        raise ServeError(f"cannot read the tokens file {path}: {e.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ServeError(f"tokens file {path} is mode {stat.S_IMODE(st.st_mode):04o}: make it 0600")
+        text = read_credentials_file(path, "tokens file", forbidden=0o077, fix="make it 0600").decode()
+    except CredentialsFileError as e:
+        raise ServeError(str(e)) from None
+    except UnicodeDecodeError:
+        raise ServeError(f"tokens file {path} is not UTF-8 text") from None
     tokens: list[tuple[str, bytes]] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()

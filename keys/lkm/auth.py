@@ -40,7 +40,6 @@ import hmac
 import json
 import os
 import re
-import stat
 import time
 import tomllib
 from collections.abc import Callable, Iterable
@@ -49,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
+from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
 
 UNWRAP, ADMIN, PUBLISH = "unwrap", "admin", "publish"
 ROLES = (UNWRAP, ADMIN, PUBLISH)
@@ -141,14 +141,10 @@ class ClientRegistry:
         """Read a clients file (.toml, else JSON). Refuses files others can read or anyone but the owner can write."""
         path = Path(path)
         try:
-            st = path.stat()
-            raw = path.read_bytes()
-        except OSError as e:
-            raise LKMConfigError(f"can't read clients file {path}: {e.strerror}") from None
-        if stat.S_IMODE(st.st_mode) & 0o027:
-            raise LKMConfigError(
-                f"clients file {path} holds secrets but is mode {stat.S_IMODE(st.st_mode):04o}: "
-                "allow no access to others and no group write (chmod 0600 or 0640)")
+            raw = read_credentials_file(path, "clients file", forbidden=0o027,
+                                        fix="allow no access to others and no group write (chmod 0600 or 0640)")
+        except CredentialsFileError as e:
+            raise LKMConfigError(str(e)) from None
         try:
             text = raw.decode("utf-8")
             doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)

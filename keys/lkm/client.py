@@ -24,7 +24,6 @@ import hashlib
 import json
 import random
 import ssl
-import stat
 import threading
 import time
 import tomllib
@@ -50,6 +49,7 @@ from mediaseal.keys.lkm.errors import (
     ProtocolError,
     UnwrapFailedError,
 )
+from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
 
 T = TypeVar("T")
 MAX_RESPONSE = 4 << 20
@@ -69,16 +69,14 @@ def load_client_credential(path: Path) -> ClientCredential:
     """A credentials file: TOML (.toml) or JSON with `id` and `secret`; no access for others allowed."""
     path = Path(path)
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LKMConfigError(f"can't read LKM credentials file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if mode & 0o027:
-        raise LKMConfigError(f"LKM credentials file {path} is mode {mode:04o}: allow no access to others "
-                             "and no group write (chmod 0600)")
+        raw = read_credentials_file(path, "LKM credentials file", forbidden=0o027,
+                                    fix="allow no access to others and no group write (chmod 0600)")
+    except CredentialsFileError as e:
+        raise LKMConfigError(str(e)) from None
     try:
+        text = raw.decode("utf-8")
         doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, ValueError):
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError):
         raise LKMConfigError(f"LKM credentials file {path} is not valid TOML/JSON") from None
     if not isinstance(doc, dict) or set(doc) != {"id", "secret"} or not all(isinstance(v, str) for v in doc.values()):
         raise LKMConfigError(f"LKM credentials file {path} must have exactly the string members id and secret")
