@@ -41,7 +41,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import ssl
 import sys
 import time
@@ -69,6 +68,7 @@ from mediaseal.plumbing.http import (
     peer_cert_names,
     server_ssl_context,
 )
+from mediaseal.plumbing.notify import stop_requested
 
 __all__ = [
     "DEFAULT_PORT", "PlaybackAuditLog", "PlaybackServer", "ServeError", "ServeOptions", "load_tokens", "parse_range",
@@ -452,7 +452,6 @@ def _loopback(host: str) -> bool:
 
 async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
     """Serve until SIGTERM/SIGINT."""
-    import asyncio
 
     check_options(o)
     tokens = load_tokens(o.tokens_file) if o.tokens_file is not None else None
@@ -478,12 +477,8 @@ async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
     scheme = "https" if ctx else "http"
     print(f"mediaseal: serving {o.repository} on {scheme}://{o.host}:{o.port}/recordings/ "
           f"(audit log {o.audit_log})", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await stop_requested().wait()
     finally:
         await runner.cleanup()
         await source.close()

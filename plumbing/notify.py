@@ -1,9 +1,9 @@
-"""systemd's service notifications (sd_notify(3)): READY, STATUS, WATCHDOG, STOPPING.
+"""systemd's service notifications (sd_notify(3)): READY, STATUS, WATCHDOG, STOPPING; and the stop signals.
 
 >>> notifier = Notifier(os.environ)                    # a no-op without $NOTIFY_SOCKET
 >>> notifier.send("READY=1", "STATUS=serving https://127.0.0.1:8443")
 >>> task = asyncio.create_task(watchdog_pings(notifier, watchdog_seconds(os.environ)))
->>> notifier.send("STOPPING=1"); notifier.close()
+>>> await stop_requested().wait(); notifier.send("STOPPING=1"); notifier.close()
 
 The protocol in a few lines: one AF_UNIX datagram per message, newline-separated assignments, to
 $NOTIFY_SOCKET (a path, or an abstract socket spelled with a leading '@'). Used by the agent
@@ -14,6 +14,8 @@ $NOTIFY_SOCKET (a path, or an abstract socket spelled with a leading '@'). Used 
 - WATCHDOG=1 is sent from an event-loop task every WatchdogSec/3 (well inside the WatchdogSec/2 that
   sd_watchdog_enabled(3) asks), so a wedged loop stops the pings and systemd restarts the service.
   A WATCHDOG_PID naming another process means the pings are not ours to send.
+- A service stops on SIGTERM (systemctl stop) and SIGINT (Ctrl-C) alike, by an event its main task
+  waits on, so the stop runs the same orderly path (STOPPING=1, drain, close) as any other.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 from collections.abc import Mapping
 
-__all__ = ["Notifier", "notify_address", "watchdog_pings", "watchdog_seconds"]
+__all__ = ["Notifier", "notify_address", "stop_requested", "watchdog_pings", "watchdog_seconds"]
 
 log = logging.getLogger("mediaseal.notify")
 
@@ -90,3 +93,12 @@ async def watchdog_pings(notifier: Notifier, watchdog: float) -> None:
     while True:
         notifier.send("WATCHDOG=1")
         await asyncio.sleep(interval)
+
+
+def stop_requested() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (handlers on the running loop, which must be in the main thread)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

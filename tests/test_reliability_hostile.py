@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import lkm_support as ls
 import pytest
@@ -383,6 +384,20 @@ def test_a_hawk_content_type_that_is_not_utf8_does_not_match() -> None:
     assert hawk_payload_hash(b"{}", "application/\udcff\udcfejson") != hawk_payload_hash(b"{}", "application/json")
 
 
+TargetT = TypeVar("TargetT", bound=Target)
+
+
+def serving(srv: ServerProcess, target: TargetT) -> Iterator[TargetT]:
+    """A fixture's body: the target answers a valid request, is used, then stops with exit 0 and no traceback."""
+    try:
+        assert target.valid() is None
+        yield target
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.lines[-20:]
+    assert not srv.tracebacks(), srv.tracebacks()
+
+
 def test_malformed_requests_are_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
     """aiohttp logs each request it can't parse with a traceback at ERROR; through http_protocol_logger it
     is one INFO line naming the problem, and anything else keeps its traceback."""
@@ -490,14 +505,7 @@ def playback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playback]:
         "repository": f"file://{d / 'repo'}", "audit_log": d / "audit.jsonl", "tokens_file": tokens,
         "host": "127.0.0.1", "port": free_port(), "keepalive_timeout": KEEPALIVE,
         "keyring": d / "keyring", "passphrase": PASSPHRASE}, d / "run")
-    target = Playback(srv, plaintext, long_size)
-    try:
-        assert target.valid() is None
-        yield target
-    finally:
-        code = srv.stop()
-    assert code == 0, srv.lines[-20:]
-    assert not srv.tracebacks(), srv.tracebacks()
+    yield from serving(srv, Playback(srv, plaintext, long_size))
 
 
 def test_playback_a_key_below_a_recording_is_not_found(playback: Playback) -> None:
@@ -808,14 +816,7 @@ def lkm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LKM]:
     gwrap = codec.wrap_dek(gdek, genesys.public_key(gcur.kid), gcur.kid, codec.RSA_OAEP)
     header, _ = codec.new_package(codec.Metadata("hostile-lkm"), [codec.Recipient(cur.kid, ring.public_key(cur.kid),
                                                                                   cur.alg)], 4096)
-    target = LKM(srv, ls.tls_context(pki), wrap, dek, gcur.kid, gwrap.wrapped, gdek, header.encode())
-    try:
-        assert target.valid() is None
-        yield target
-    finally:
-        code = srv.stop()
-    assert code == 0, srv.lines[-20:]
-    assert not srv.tracebacks(), srv.tracebacks()
+    yield from serving(srv, LKM(srv, ls.tls_context(pki), wrap, dek, gcur.kid, gwrap.wrapped, gdek, header.encode()))
 
 
 def random_json(rng: random.Random, depth: int = 0) -> object:

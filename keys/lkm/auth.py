@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
 from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
@@ -115,6 +116,24 @@ class Principal:
         return self.client.name
 
 
+
+def load_secret_document(path: Path, what: str, fix: str, *, detail: bool = True) -> Any:
+    """A TOML (.toml, else JSON) file that holds secrets: refused if others may read it or the group write it.
+
+    `detail`: whether a parse error's own message goes into the LKMConfigError (not for a file that
+    holds a single secret, whose parse error could point into it).
+    """
+    try:
+        raw = read_credentials_file(path, what, forbidden=0o027, fix=fix)
+    except CredentialsFileError as e:
+        raise LKMConfigError(str(e)) from None
+    kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+    try:
+        text = raw.decode("utf-8")
+        return tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as e:
+        raise LKMConfigError(f"{what} {path} is not valid {kind}" + (f": {e}" if detail else "")) from None
+
 class ClientRegistry:
     """The clients file, parsed and checked. Lookups by credential id and by certificate name."""
 
@@ -140,17 +159,8 @@ class ClientRegistry:
     def load(cls, path: Path) -> ClientRegistry:
         """Read a clients file (.toml, else JSON). Refuses files others can read or anyone but the owner can write."""
         path = Path(path)
-        try:
-            raw = read_credentials_file(path, "clients file", forbidden=0o027,
-                                        fix="allow no access to others and no group write (chmod 0600 or 0640)")
-        except CredentialsFileError as e:
-            raise LKMConfigError(str(e)) from None
-        try:
-            text = raw.decode("utf-8")
-            doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as e:
-            raise LKMConfigError(f"clients file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: "
-                                 f"{e}") from None
+        doc = load_secret_document(path, "clients file", "allow no access to others and no group write (chmod 0600 "
+                                   "or 0640)")
         return cls.from_document(doc, str(path), base=path.parent)
 
     @classmethod

@@ -26,7 +26,6 @@ import random
 import ssl
 import threading
 import time
-import tomllib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ import aiohttp
 from yarl import URL
 
 from mediaseal import codec
-from mediaseal.keys.lkm.auth import MIN_SECRET_CHARS, sign_request
+from mediaseal.keys.lkm.auth import MIN_SECRET_CHARS, load_secret_document, sign_request
 from mediaseal.keys.lkm.errors import (
     ERROR_CLASSES,
     RETRYABLE_CODES,
@@ -49,7 +48,6 @@ from mediaseal.keys.lkm.errors import (
     ProtocolError,
     UnwrapFailedError,
 )
-from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
 
 T = TypeVar("T")
 MAX_RESPONSE = 4 << 20
@@ -68,16 +66,8 @@ class ClientCredential:
 def load_client_credential(path: Path) -> ClientCredential:
     """A credentials file: TOML (.toml) or JSON with `id` and `secret`; no access for others allowed."""
     path = Path(path)
-    try:
-        raw = read_credentials_file(path, "LKM credentials file", forbidden=0o027,
-                                    fix="allow no access to others and no group write (chmod 0600)")
-    except CredentialsFileError as e:
-        raise LKMConfigError(str(e)) from None
-    try:
-        text = raw.decode("utf-8")
-        doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError):
-        raise LKMConfigError(f"LKM credentials file {path} is not valid TOML/JSON") from None
+    doc = load_secret_document(path, "LKM credentials file",
+                               "allow no access to others and no group write (chmod 0600)", detail=False)
     if not isinstance(doc, dict) or set(doc) != {"id", "secret"} or not all(isinstance(v, str) for v in doc.values()):
         raise LKMConfigError(f"LKM credentials file {path} must have exactly the string members id and secret")
     if len(doc["secret"]) < MIN_SECRET_CHARS:

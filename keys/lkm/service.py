@@ -47,7 +47,7 @@ from mediaseal.keys.lkm.genesys import GENESYS_PREFIX, GenesysShim
 from mediaseal.keys.lkm.keystore import KeyLoader, KeyStore, open_keyring
 from mediaseal.plumbing.durable import atomic_open
 from mediaseal.plumbing.http import ListenSite, TLSContextError, app_runner, server_ssl_context
-from mediaseal.plumbing.notify import Notifier, watchdog_pings, watchdog_seconds
+from mediaseal.plumbing.notify import Notifier, stop_requested, watchdog_pings, watchdog_seconds
 
 __all__ = ["LKMService", "serve", "serve_command"]
 
@@ -281,11 +281,8 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str], None] | None = 
     """Run until SIGTERM or SIGINT. SIGHUP re-reads the clients file. READY=1 once listening (Type=notify)."""
     service = LKMService(config)
     await service.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, service.reload_clients)
+    stop = stop_requested()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload_clients)
     notifier = Notifier(os.environ)
     notifier.send("READY=1", "STATUS=serving " + service.url)
     watchdog = watchdog_seconds(os.environ)
