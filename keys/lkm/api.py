@@ -34,7 +34,7 @@ from aiohttp import web
 from mediaseal import codec
 from mediaseal.keys.jwk import KID_PATTERN
 from mediaseal.keys.keyset import STATES
-from mediaseal.keys.lkm.auth import ADMIN, PUBLISH, UNWRAP
+from mediaseal.keys.lkm.auth import Role
 from mediaseal.keys.lkm.config import ServiceConfig
 from mediaseal.keys.lkm.errors import (
     BadRequestError,
@@ -104,13 +104,13 @@ class V1API:
         return [
             (Route("GET", "/v1/health", "health", public=True), self.health),
             (Route("GET", "/v1/keyset", "keyset.get", public=True), self.keyset_get),
-            (Route("POST", "/v1/keyset", "keyset.publish", frozenset({PUBLISH})), self.keyset_publish),
-            (Route("GET", "/v1/keys", "keys.list", frozenset({ADMIN})), self.keys_list),
-            (Route("POST", "/v1/keys", "keys.create", frozenset({ADMIN})), self.keys_create),
-            (Route("POST", "/v1/keys/{kid}/state", "keys.state", frozenset({ADMIN})), self.keys_state),
-            (Route("POST", "/v1/unwrap", "unwrap", frozenset({UNWRAP})), self.unwrap),
-            (Route("POST", "/v1/unwrap-batch", "unwrap.batch", frozenset({UNWRAP})), self.unwrap_batch),
-            (Route("POST", "/v1/rewrap", "rewrap", frozenset({UNWRAP, ADMIN})), self.rewrap),
+            (Route("POST", "/v1/keyset", "keyset.publish", frozenset({Role.PUBLISH})), self.keyset_publish),
+            (Route("GET", "/v1/keys", "keys.list", frozenset({Role.ADMIN})), self.keys_list),
+            (Route("POST", "/v1/keys", "keys.create", frozenset({Role.ADMIN})), self.keys_create),
+            (Route("POST", "/v1/keys/{kid}/state", "keys.state", frozenset({Role.ADMIN})), self.keys_state),
+            (Route("POST", "/v1/unwrap", "unwrap", frozenset({Role.UNWRAP})), self.unwrap),
+            (Route("POST", "/v1/unwrap-batch", "unwrap.batch", frozenset({Role.UNWRAP})), self.unwrap_batch),
+            (Route("POST", "/v1/rewrap", "rewrap", frozenset({Role.UNWRAP, Role.ADMIN})), self.rewrap),
         ]
 
     async def health(self, request: web.Request) -> web.StreamResponse:

@@ -16,7 +16,7 @@ from typing import Any
 
 from mediaseal.keys.keyring import passphrase_from
 from mediaseal.keys.keyset import DEFAULT_TTL_SECONDS
-from mediaseal.keys.lkm.auth import MODE_BOTH, MODE_HMAC, MODE_MTLS, MODES
+from mediaseal.keys.lkm.auth import MODES, AuthMode
 from mediaseal.keys.lkm.errors import LKMConfigError
 from mediaseal.plumbing.http import HANDSHAKE_SECONDS, KEEPALIVE_SECONDS
 
@@ -33,7 +33,7 @@ class ServiceConfig:
     passphrase: bytes | None = field(default=None, repr=False)
     client_ca: Path | None = None
     require_client_cert: bool = False
-    auth_mode: str | None = None  # None: "mtls+hmac" with a client CA, else "hmac"
+    auth_mode: AuthMode | str | None = None  # None: "mtls+hmac" with a client CA, else "hmac"
     host: str = "127.0.0.1"
     port: int = 8443
     genesys_keyring: Path | None = None
@@ -55,13 +55,16 @@ class ServiceConfig:
     workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
 
     @property
-    def mode(self) -> str:
-        return self.auth_mode or (MODE_BOTH if self.client_ca else MODE_HMAC)
+    def mode(self) -> AuthMode:
+        """The --auth mode in force (check() first: a mode that is not one is an LKMConfigError there)."""
+        if self.auth_mode:
+            return AuthMode(self.auth_mode)
+        return AuthMode.BOTH if self.client_ca else AuthMode.HMAC
 
     def check(self) -> None:
-        if self.mode not in MODES:
+        if self.auth_mode and self.auth_mode not in MODES:
             raise LKMConfigError(f"--auth must be one of {', '.join(MODES)}")
-        if self.mode in (MODE_MTLS, MODE_BOTH) and self.client_ca is None:
+        if self.mode in (AuthMode.MTLS, AuthMode.BOTH) and self.client_ca is None:
             raise LKMConfigError(f"--auth {self.mode} needs --client-ca (the CA that issues client certificates)")
         if self.require_client_cert and self.client_ca is None:
             raise LKMConfigError("--require-client-cert needs --client-ca")

@@ -38,7 +38,7 @@ from aiohttp.typedefs import Middleware
 
 from mediaseal.keys.keyset import strict_json
 from mediaseal.keys.lkm.audit import ChainedAuditLog
-from mediaseal.keys.lkm.auth import FAMILY_HAWK, FAMILY_V1, Authenticator, Principal, RequestFacts
+from mediaseal.keys.lkm.auth import Authenticator, Family, Principal, RequestFacts, Role
 from mediaseal.keys.lkm.config import ServiceConfig
 from mediaseal.keys.lkm.errors import (
     BadRequestError,
@@ -65,9 +65,9 @@ class Route:
     method: str
     path: str
     operation: str
-    roles: frozenset[str] = frozenset()  # any one of these; empty with public=False: nobody
+    roles: frozenset[Role] = frozenset()  # any one of these; empty with public=False: nobody
     public: bool = False
-    family: str = FAMILY_V1
+    family: Family = Family.V1
 
 
 @dataclass
@@ -157,8 +157,8 @@ class Gate:
 
     async def _pass(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = self._routes.get(request.match_info.handler)
-        family = route.family if route else (FAMILY_HAWK if request.path.startswith(self._hawk_prefixes)
-                                             else FAMILY_V1)
+        family = route.family if route else (Family.HAWK if request.path.startswith(self._hawk_prefixes)
+                                             else Family.V1)
         call = Call(uuid.uuid4().hex, time.monotonic(), route.operation if route else "unknown")
         request[_CALL] = call
         response: web.StreamResponse
@@ -197,7 +197,7 @@ class Gate:
         response.headers["X-Request-Id"] = call.request_id
         return response
 
-    async def _authenticate(self, request: web.Request, call: Call, route: Route | None, family: str) -> None:
+    async def _authenticate(self, request: web.Request, call: Call, route: Route | None, family: Family) -> None:
         call.claimed_id = _claimed_id(request.headers.get("Authorization"))
         call.body = await self._read_body(request)
         facts = RequestFacts(
@@ -227,12 +227,12 @@ class Gate:
         except web.HTTPRequestEntityTooLarge:
             raise TooLargeError(f"request body is larger than {self.config.max_body} bytes") from None
 
-    def _error_response(self, e: LKMError, call: Call, family: str) -> web.Response:
+    def _error_response(self, e: LKMError, call: Call, family: Family) -> web.Response:
         headers = dict(e.headers)
         if e.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(e.retry_after + 0.999)))
         if e.status == 401 and "WWW-Authenticate" not in headers:
-            headers["WWW-Authenticate"] = "Hawk" if family == FAMILY_HAWK else "MediaSeal-HMAC-SHA256"
+            headers["WWW-Authenticate"] = "Hawk" if family is Family.HAWK else "MediaSeal-HMAC-SHA256"
         return json_response({"error": {"code": e.code, "message": e.message}, "request_id": call.request_id},
                              e.status, headers)
 

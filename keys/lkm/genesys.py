@@ -22,7 +22,7 @@ from mediaseal import codec
 from mediaseal.keys.keyring import KeyRecord
 from mediaseal.keys.keyset import parse_time
 from mediaseal.keys.lkm.api import MAX_WRAPPED, KeyWork, b64, b64_decode
-from mediaseal.keys.lkm.auth import ADMIN, FAMILY_HAWK, UNWRAP
+from mediaseal.keys.lkm.auth import Family, Role
 from mediaseal.keys.lkm.errors import BadRequestError, LKMUnknownKeyError, UnsupportedError
 from mediaseal.keys.lkm.gate import Handler, Route, call_of, header_safe, request_doc
 from mediaseal.keys.lkm.keystore import KeyStore
@@ -48,13 +48,11 @@ class GenesysShim:
         self.work, self.store = work, store
 
     def routes(self) -> list[tuple[Route, Handler]]:
+        hawk, decrypt, keypair = Family.HAWK, f"{GENESYS_PREFIX}/decrypt", f"{GENESYS_PREFIX}/keypair"
         return [
-            (Route("OPTIONS", f"{GENESYS_PREFIX}/decrypt", "genesys.options", public=True, family=FAMILY_HAWK),
-             self.options),
-            (Route("POST", f"{GENESYS_PREFIX}/decrypt", "genesys.decrypt", frozenset({UNWRAP}), family=FAMILY_HAWK),
-             self.decrypt),
-            (Route("POST", f"{GENESYS_PREFIX}/keypair", "genesys.keypair", frozenset({ADMIN}), family=FAMILY_HAWK),
-             self.keypair),
+            (Route("OPTIONS", decrypt, "genesys.options", public=True, family=hawk), self.options),
+            (Route("POST", decrypt, "genesys.decrypt", frozenset({Role.UNWRAP}), family=hawk), self.decrypt),
+            (Route("POST", keypair, "genesys.keypair", frozenset({Role.ADMIN}), family=hawk), self.keypair),
         ]
 
     async def options(self, request: web.Request) -> web.StreamResponse:
