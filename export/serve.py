@@ -67,6 +67,7 @@ from mediaseal.plumbing.http import (
     json_response,
     peer_cert_names,
     server_ssl_context,
+    strong_etag,
 )
 from mediaseal.plumbing.notify import stop_requested
 
@@ -359,7 +360,7 @@ class PlaybackServer:
     def _plan(self, request: web.Request, pkg: RemotePackage) -> web.Response | tuple[int, dict[str, str], int, int]:
         """(status, headers, first byte, length) for this request, or the 416 answer."""
         size = pkg.plaintext_size
-        etag = '"' + hashlib.sha256(pkg.header.salt + pkg.header.mac).hexdigest()[:32] + '"'
+        etag = strong_etag(pkg.header.salt + pkg.header.mac)
         rng = parse_range(request.headers.get("Range"), size)
         if_range = request.headers.get("If-Range")
         if if_range is not None and if_range.strip() != etag:

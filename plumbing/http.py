@@ -21,7 +21,8 @@ routes, authentication and error shape; what must hold the same on all three liv
   else (a bug) keeps its traceback. No access log: each server audits requests its own way.
 - Rate limits are token buckets per key (a client name, a remote address) with a bounded number of
   keys, so a flood of new addresses costs bounded memory.
-- JSON answers are compact ASCII and `Cache-Control: no-store` unless the caller says otherwise.
+- JSON answers are compact ASCII and `Cache-Control: no-store` unless the caller says otherwise;
+  strong ETags are 128 bits of a SHA-256 of what identifies the representation.
 
 Imports nothing of ours (plumbing is the bottom layer): callers map TLSContextError to their errors.
 """
@@ -29,6 +30,7 @@ Imports nothing of ours (plumbing is the bottom layer): callers map TLSContextEr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
@@ -46,6 +48,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 __all__ = [
     "HANDSHAKE_SECONDS", "KEEPALIVE_SECONDS", "ListenSite", "RateLimiter", "TLSContextError", "app_runner",
     "cert_names", "dumps", "http_protocol_logger", "json_response", "peer_cert_names", "server_ssl_context",
+    "strong_etag",
 ]
 
 # A connection that has not sent a whole request within this many seconds of opening (or of its last
@@ -205,6 +208,11 @@ class RateLimiter:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return None
+
+
+def strong_etag(data: bytes) -> str:
+    """A strong ETag for a representation identified by `data` (128 bits of its SHA-256, quoted)."""
+    return '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
 
 
 def dumps(obj: Any) -> str:

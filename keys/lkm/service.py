@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -46,7 +45,7 @@ from mediaseal.keys.lkm.gate import Gate
 from mediaseal.keys.lkm.genesys import GENESYS_PREFIX, GenesysShim
 from mediaseal.keys.lkm.keystore import KeyLoader, KeyStore, open_keyring
 from mediaseal.plumbing.durable import atomic_open
-from mediaseal.plumbing.http import ListenSite, TLSContextError, app_runner, server_ssl_context
+from mediaseal.plumbing.http import ListenSite, TLSContextError, app_runner, server_ssl_context, strong_etag
 from mediaseal.plumbing.notify import Notifier, stop_requested, watchdog_pings, watchdog_seconds
 
 __all__ = ["LKMService", "serve", "serve_command"]
@@ -201,7 +200,7 @@ class LKMService:
         """Sign a fresh key set and serve it (and write it to `keyset_out`, durably, world-readable)."""
         store = self.keystore()
         document = await self.run(store.publish, ttl if ttl is not None else self.config.keyset_ttl)
-        self.keyset = PublishedKeySet(document, '"' + hashlib.sha256(document).hexdigest()[:32] + '"')
+        self.keyset = PublishedKeySet(document, strong_etag(document))
         self._keyset_issued = self.clock()
         if self.config.keyset_out is not None:
             await self.run(_write_keyset, self.config.keyset_out, document)
