@@ -1,4 +1,4 @@
-"""Service glue: sd_notify, the systemd watchdog, and the health/metrics HTTP listener.
+"""Service glue: the agent's systemd notifications and watchdog, and the health/metrics HTTP listener.
 
 >>> service = await AgentService.start(config)      # listener up, STATUS=starting, watchdog pings
 >>> service.watch_stop(stop)                          # STOPPING=1 as soon as a stop is requested
@@ -6,12 +6,12 @@
 >>> service.ready(resumed)                            # READY=1: recovery done, first key set loaded
 >>> await service.close()
 
-sd_notify is the datagram protocol of sd_notify(3), in a few lines: one AF_UNIX datagram per message to
-$NOTIFY_SOCKET (a path, or an abstract socket spelled with a leading '@'). Without $NOTIFY_SOCKET
-every call is a no-op. WATCHDOG=1 is sent from an event-loop task every WATCHDOG_USEC/3, so a wedged
-loop stops the pings and systemd restarts the agent.
+sd_notify and the watchdog pings are plumbing.notify's (shared with the Local Key Manager): without
+$NOTIFY_SOCKET every call is a no-op; WATCHDOG=1 comes from an event-loop task every WATCHDOG_USEC/3,
+so a wedged loop stops the pings and systemd restarts the agent.
 
-The listener (aiohttp) on `[metrics] listen` serves
+The listener (aiohttp, with plumbing.http's limits: idle connections closed, malformed requests one
+log line) on `[metrics] listen` serves
 - `/metrics`: Prometheus text (or OpenMetrics, by Accept) from `agent.metrics.REGISTRY`;
 - `/healthz`: 200 whenever the event loop answers (liveness);
 - `/readyz`: 200 or 503 with a JSON reason: started (recovery done, keys loaded), a valid current key,
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -41,6 +40,8 @@ from prometheus_client.exposition import choose_encoder
 from mediaseal.agent import metrics
 from mediaseal.agent.pipeline import DeliveryHealth
 from mediaseal.agent.status import ManifestCache, SpoolReport, read_spool
+from mediaseal.plumbing.http import ListenSite, app_runner, json_response
+from mediaseal.plumbing.notify import Notifier, watchdog_pings, watchdog_seconds
 from mediaseal.uploader import FilesystemRepository
 
 if TYPE_CHECKING:
@@ -55,63 +56,6 @@ REPORT_MAX_AGE = 5.0  # the manifest scan behind the spool figures is reused thi
 
 class ServiceError(Exception):
     """The service glue cannot start (the health listener cannot bind)."""
-
-
-# -- sd_notify -------------------------------------------------------------------------------------
-
-
-def notify_address(value: str | None) -> str | None:
-    """The socket address for a $NOTIFY_SOCKET value: a path, or '@name' -> the abstract '\\0name'."""
-    if not value:
-        return None
-    if value[0] == "@":
-        return "\0" + value[1:]
-    if value[0] == "/":
-        return value
-    return None  # vsock: and other transports are not used by systemd for services
-
-
-def watchdog_seconds(env: Mapping[str, str], pid: int | None = None) -> float | None:
-    """WatchdogSec in seconds when systemd asks this process for pings, else None."""
-    usec, for_pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
-        return None
-    if for_pid and for_pid != str(pid if pid is not None else os.getpid()):
-        return None  # meant for another process (we were started by the main process, say)
-    return int(usec) / 1e6
-
-
-class Notifier:
-    """Sends sd_notify messages; never raises (a lost datagram must not take the agent down)."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.address = notify_address(env.get("NOTIFY_SOCKET"))
-        self._sock: socket.socket | None = None
-        self._warned = False
-        if self.address is not None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.setblocking(False)
-
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
-    def send(self, *assignments: str) -> bool:
-        if self._sock is None or self.address is None:
-            return False
-        try:
-            self._sock.sendto("\n".join(assignments).encode(), self.address)
-        except OSError as e:
-            if not self._warned:  # once: a watchdog ping every few seconds must not flood the log
-                self._warned = True
-                log.warning("sd-notify-failed", extra={"fields": {"error": e.strerror or str(e)}})
-            return False
-        return True
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
 
 def _one_line(text: str, limit: int = 240) -> str:
@@ -188,7 +132,8 @@ class AgentService:
                 log.warning("metrics-listener-failed", extra={"fields": {"listen": config.metrics.listen,
                                                                          "error": e.strerror or str(e)}})
         if service.watchdog is not None:
-            service._tasks.append(asyncio.create_task(service._watchdog(service.watchdog), name="sd-watchdog"))
+            service._tasks.append(asyncio.create_task(watchdog_pings(service.notifier, service.watchdog),
+                                                      name="sd-watchdog"))
         service.set_phase("starting")
         return service
 
@@ -237,12 +182,6 @@ class AgentService:
         self.notifier.close()
 
     # -- sd_notify tasks ---------------------------------------------------------------------------
-
-    async def _watchdog(self, watchdog: float) -> None:
-        interval = watchdog / 3  # well inside WatchdogSec/2, as sd_watchdog_enabled(3) asks
-        while True:
-            self.notifier.send("WATCHDOG=1")
-            await asyncio.sleep(interval)
 
     async def _status_loop(self) -> None:
         # Checked at least as often as the watchdog pings, sent only when the line changed.
@@ -345,14 +284,12 @@ class AgentService:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = app_runner(app, "mediaseal.service.http")
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, host, int(port), reuse_address=True)
+        site = ListenSite(runner, host, int(port))
         await site.start()
-        bound = runner.addresses[0]
-        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
-        self.address = f"{shown}:{bound[1]}"
+        self.address = site.address
         log.info("metrics-listening", extra={"fields": {"address": self.address}})
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -362,17 +299,17 @@ class AgentService:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"alive": True, "phase": self.phase, "pid": os.getpid(),
+        return json_response({"alive": True, "phase": self.phase, "pid": os.getpid(),
                                   "uptime_seconds": round(time.time() - self.started_at, 1)})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready, body = await self.readiness()
         metrics.READY.set(1 if ready else 0)
-        return web.json_response(body, status=200 if ready else 503)
+        return json_response(body, status=200 if ready else 503)
 
     async def _status(self, request: web.Request) -> web.Response:
         ready, body = await self.readiness()
-        return web.json_response({
+        return json_response({
             "pid": os.getpid(), "phase": self.phase, "ready": ready, "reason": body.get("reason", ""),
             "awaiting_delivery": self.pipeline.spool.package_count if self.pipeline else None,
             "quarantined": len(self._health.quarantined), "intake_paused": bool(_intake_paused()),

@@ -1,7 +1,7 @@
 """The playback server: `GET /recordings/<key>` streams a recording's plaintext, with HTTP Range seeking.
 
 >>> server = PlaybackServer(open_source("s3://recordings/site-a"), unwrapper,
-...                         tokens=load_tokens(Path("tokens")), audit=AuditLog(Path("audit.jsonl")))
+...                         tokens=load_tokens(Path("tokens")), audit=PlaybackAuditLog(Path("audit.jsonl")))
 >>> runner = await server.start("127.0.0.1", 8750)     # or run_server(ServeOptions(...), unwrapper)
 
 - Authentication on every request, no anonymous access ever: a bearer token from the tokens file
@@ -22,9 +22,14 @@
   most), so a player's stream of Range requests costs one ranged GET each; a revoked key (KMS) or a
   replaced object therefore takes up to 30 s to show. Reads stay pinned to the object's ETag.
 - A connection that has not sent a whole request within 15 s (KEEPALIVE_SECONDS) of opening or of its
-  last answer is closed (slow and idle clients); a request it can't parse is a 400, logged in one line.
+  last answer is closed (slow and idle clients), and so is a TLS handshake not done within 10 s; a
+  request it can't parse is a 400, logged in one line. These limits, the TLS context and the JSON
+  answers are plumbing.http's, the same as the Local Key Manager's.
 - Audit: one JSON line per request (ts, remote, who, method, key, range asked, range served, status,
-  bytes sent, ms, error) appended to a 0600 file; never a key, a token or a byte of media.
+  bytes sent, ms, error) appended to a 0600 file; never a key, a token or a byte of media. It is an
+  access record, not the Local Key Manager's hash-chained, fsynced, fail-closed audit
+  (keys.lkm.audit.ChainedAuditLog): an answer here never waits on a disk flush, and a player's run of
+  Range requests is a line each.
 """
 
 from __future__ import annotations
@@ -36,9 +41,7 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import ssl
-import stat
 import sys
 import time
 from collections import OrderedDict
@@ -54,19 +57,28 @@ from mediaseal import codec
 from mediaseal.export.playback import RemotePackage
 from mediaseal.export.source import PackageSource, SourceError, SourceNotFoundError, check_key, open_source
 from mediaseal.keys.errors import KeysError
+from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
+from mediaseal.plumbing.durable import write_all
+from mediaseal.plumbing.http import (
+    KEEPALIVE_SECONDS,
+    ListenSite,
+    TLSContextError,
+    app_runner,
+    json_response,
+    peer_cert_names,
+    server_ssl_context,
+    strong_etag,
+)
+from mediaseal.plumbing.notify import stop_requested
 
 __all__ = [
-    "DEFAULT_PORT", "AuditLog", "PlaybackServer", "ServeError", "ServeOptions", "load_tokens", "parse_range",
+    "DEFAULT_PORT", "PlaybackAuditLog", "PlaybackServer", "ServeError", "ServeOptions", "load_tokens", "parse_range",
     "run_server",
 ]
 
 DEFAULT_PORT = 8750
 OPEN_SECONDS = 30.0  # how long an opened package (its derived keys, in memory only) is reused
 OPEN_MAX = 64
-# A connection that has not sent a whole request within this many seconds of opening (or of its last
-# answer) is closed: aiohttp's own default is an hour, which lets slow or idle clients (slowloris) hold
-# connections, and their memory, for that long. 15 s, as the Local Key Manager.
-KEEPALIVE_SECONDS = 15.0
 MIN_TOKEN_CHARS = 32
 UNSATISFIABLE = "unsatisfiable"
 # ASCII digits only (RFC 9110's DIGIT): `\d` would also take other scripts' digits, which int() reads.
@@ -138,12 +150,11 @@ def load_tokens(path: Path) -> list[tuple[str, bytes]]:
     The file must not be readable by group or others; tokens are at least 32 characters.
     """
     try:
-        st = path.stat()
-        text = path.read_text()
-    except OSError as e:
-        raise ServeError(f"cannot read the tokens file {path}: {e.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ServeError(f"tokens file {path} is mode {stat.S_IMODE(st.st_mode):04o}: make it 0600")
+        text = read_credentials_file(path, "tokens file", forbidden=0o077, fix="make it 0600").decode()
+    except CredentialsFileError as e:
+        raise ServeError(str(e)) from None
+    except UnicodeDecodeError:
+        raise ServeError(f"tokens file {path} is not UTF-8 text") from None
     tokens: list[tuple[str, bytes]] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -162,20 +173,20 @@ def load_tokens(path: Path) -> list[tuple[str, bytes]]:
     return tokens
 
 
-class AuditLog:
-    """Append-only JSON lines, 0600, one os.write per line (O_APPEND keeps lines whole)."""
+class PlaybackAuditLog:
+    """Append-only JSON lines, 0600, each line written whole (O_APPEND keeps lines from interleaving)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.fchmod(self._fd, 0o600)
         except OSError as e:
             raise ServeError(f"cannot open the audit log {path}: {e.strerror}") from None
 
     def write(self, entry: Mapping[str, Any]) -> None:
         line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
-        os.write(self._fd, line.encode())
+        write_all(self._fd, line.encode())
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -186,7 +197,7 @@ class AuditLog:
 
 
 class PlaybackServer:
-    def __init__(self, source: PackageSource, unwrapper: codec.Unwrapper, *, audit: AuditLog,
+    def __init__(self, source: PackageSource, unwrapper: codec.Unwrapper, *, audit: PlaybackAuditLog,
                  tokens: list[tuple[str, bytes]] | None = None, mtls: bool = False,
                  open_seconds: float = OPEN_SECONDS, open_max: int = OPEN_MAX,
                  keepalive_timeout: float = KEEPALIVE_SECONDS) -> None:
@@ -223,23 +234,20 @@ class PlaybackServer:
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
-        from mediaseal.keys.lkm.service import http_protocol_logger
-
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                               keepalive_timeout=self.keepalive_timeout,
-                               logger=http_protocol_logger("mediaseal.serve.http"))
+        runner = app_runner(self.app(), "mediaseal.serve.http", keepalive_timeout=self.keepalive_timeout)
         await runner.setup()
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        try:
+            await ListenSite(runner, host, port, ssl_context).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         return runner
 
     def authenticate(self, request: web.Request) -> str | None:
         """Who is asking, or None. Every configured method must pass."""
         who: list[str] = []
         if self.mtls:
-            from mediaseal.keys.lkm.auth import cert_names
-
-            peer = request.transport.get_extra_info("peercert") if request.transport else None
-            names = cert_names(peer)
+            names = peer_cert_names(request)
             if not names:
                 return None
             who.append("cert:" + ",".join(sorted(names)))
@@ -352,7 +360,7 @@ class PlaybackServer:
     def _plan(self, request: web.Request, pkg: RemotePackage) -> web.Response | tuple[int, dict[str, str], int, int]:
         """(status, headers, first byte, length) for this request, or the 416 answer."""
         size = pkg.plaintext_size
-        etag = '"' + hashlib.sha256(pkg.header.salt + pkg.header.mac).hexdigest()[:32] + '"'
+        etag = strong_etag(pkg.header.salt + pkg.header.mac)
         rng = parse_range(request.headers.get("Range"), size)
         if_range = request.headers.get("If-Range")
         if if_range is not None and if_range.strip() != etag:
@@ -401,8 +409,8 @@ def _nameable(key: str) -> bool:
 
 
 def _json(status: int, error: str, message: str) -> web.Response:
-    return web.Response(status=status, text=json.dumps({"error": error, "message": message}),
-                        content_type="application/json", headers={"Cache-Control": "no-store"})
+    """This server's error shape: {"error": code, "message"} (the LKM's is its own, keys.lkm.errors)."""
+    return json_response({"error": error, "message": message}, status)
 
 
 # -- running it --------------------------------------------------------------------------------------
@@ -445,20 +453,20 @@ def _loopback(host: str) -> bool:
 
 async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
     """Serve until SIGTERM/SIGINT."""
-    import asyncio
 
     check_options(o)
     tokens = load_tokens(o.tokens_file) if o.tokens_file is not None else None
     ctx = None
     if o.tls_cert is not None and o.tls_key is not None:
-        from mediaseal.keys.lkm.service import server_ssl_context
-
-        ctx = server_ssl_context(o.tls_cert, o.tls_key, o.client_ca, True)
+        try:
+            ctx = server_ssl_context(o.tls_cert, o.tls_key, o.client_ca, require_client_cert=True)
+        except TLSContextError as e:
+            raise ServeError(str(e)) from None
     try:
         source = open_source(o.repository, **o.s3)
     except SourceError as e:
         raise ServeError(str(e)) from None
-    audit = AuditLog(o.audit_log)
+    audit = PlaybackAuditLog(o.audit_log)
     server = PlaybackServer(source, unwrapper, audit=audit, tokens=tokens, mtls=o.client_ca is not None,
                             keepalive_timeout=o.keepalive_timeout)
     try:
@@ -470,12 +478,8 @@ async def run_server(o: ServeOptions, unwrapper: codec.Unwrapper) -> None:
     scheme = "https" if ctx else "http"
     print(f"mediaseal: serving {o.repository} on {scheme}://{o.host}:{o.port}/recordings/ "
           f"(audit log {o.audit_log})", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await stop_requested().wait()
     finally:
         await runner.cleanup()
         await source.close()

@@ -31,7 +31,8 @@ def playback(cfg: dict[str, Any]) -> None:
 
 def lkm(cfg: dict[str, Any]) -> None:
     from mediaseal.agent.log import setup_logging
-    from mediaseal.keys.lkm.service import ServiceConfig, serve
+    from mediaseal.keys.lkm.config import ServiceConfig
+    from mediaseal.keys.lkm.service import serve
 
     setup_logging("text")
     paths = {"keyring", "clients", "audit_log", "tls_cert", "tls_key", "client_ca", "genesys_keyring"}

@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mediaseal.keys.lkm.service import LKMService, ServiceConfig
+from mediaseal.keys.lkm.config import ServiceConfig
+from mediaseal.keys.lkm.service import LKMService
 
 PASSPHRASE = b"lkm test passphrase"
 

@@ -37,7 +37,7 @@ from mediaseal.keys.lkm.errors import (
     UnauthenticatedError,
     UnwrapFailedError,
 )
-from mediaseal.keys.lkm.service import PKCS1_REFUSAL, keypair_id
+from mediaseal.keys.lkm.genesys import PKCS1_REFUSAL, keypair_id
 
 CLIENTS = [
     {"name": "export-1", "roles": ["unwrap"], "cert_names": ["export-1"],

@@ -22,7 +22,6 @@ from mediaseal.keys.lkm.auth import (
     Credential,
     NonceCache,
     RequestFacts,
-    cert_names,
     hawk_header,
     hawk_mac,
     hawk_normalized,
@@ -31,6 +30,7 @@ from mediaseal.keys.lkm.auth import (
     sign_request,
 )
 from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
+from mediaseal.plumbing.http import cert_names
 
 # The Hawk README's "Protocol Example" and "Payload Validation" (hueniverse/hawk, as in hapijs/hawk's
 # test/readme.js): these credentials, this request, these published values.

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import lkm_support as ls
 import pytest
@@ -42,7 +43,7 @@ from reliability_support import SOAK, Hostile, hostile, sized
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
 from mediaseal.keys.lkm.auth import hawk_header, sign_request
-from mediaseal.keys.lkm.service import keypair_id
+from mediaseal.keys.lkm.genesys import keypair_id
 
 MiB = 1 << 20
 KEEPALIVE = 15.0 if SOAK else 2.0  # seconds a connection may take to send a whole request (production: 15)
@@ -383,6 +384,20 @@ def test_a_hawk_content_type_that_is_not_utf8_does_not_match() -> None:
     assert hawk_payload_hash(b"{}", "application/\udcff\udcfejson") != hawk_payload_hash(b"{}", "application/json")
 
 
+TargetT = TypeVar("TargetT", bound=Target)
+
+
+def serving(srv: ServerProcess, target: TargetT) -> Iterator[TargetT]:
+    """A fixture's body: the target answers a valid request, is used, then stops with exit 0 and no traceback."""
+    try:
+        assert target.valid() is None
+        yield target
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.lines[-20:]
+    assert not srv.tracebacks(), srv.tracebacks()
+
+
 def test_malformed_requests_are_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
     """aiohttp logs each request it can't parse with a traceback at ERROR; through http_protocol_logger it
     is one INFO line naming the problem, and anything else keeps its traceback."""
@@ -390,7 +405,7 @@ def test_malformed_requests_are_logged_in_one_line(caplog: pytest.LogCaptureFixt
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from mediaseal.keys.lkm.service import http_protocol_logger
+    from mediaseal.plumbing.http import http_protocol_logger
 
     log = http_protocol_logger("mediaseal.test.http")
     caplog.set_level(logging.DEBUG, "mediaseal.test.http")
@@ -490,14 +505,7 @@ def playback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playback]:
         "repository": f"file://{d / 'repo'}", "audit_log": d / "audit.jsonl", "tokens_file": tokens,
         "host": "127.0.0.1", "port": free_port(), "keepalive_timeout": KEEPALIVE,
         "keyring": d / "keyring", "passphrase": PASSPHRASE}, d / "run")
-    target = Playback(srv, plaintext, long_size)
-    try:
-        assert target.valid() is None
-        yield target
-    finally:
-        code = srv.stop()
-    assert code == 0, srv.lines[-20:]
-    assert not srv.tracebacks(), srv.tracebacks()
+    yield from serving(srv, Playback(srv, plaintext, long_size))
 
 
 def test_playback_a_key_below_a_recording_is_not_found(playback: Playback) -> None:
@@ -808,14 +816,7 @@ def lkm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LKM]:
     gwrap = codec.wrap_dek(gdek, genesys.public_key(gcur.kid), gcur.kid, codec.RSA_OAEP)
     header, _ = codec.new_package(codec.Metadata("hostile-lkm"), [codec.Recipient(cur.kid, ring.public_key(cur.kid),
                                                                                   cur.alg)], 4096)
-    target = LKM(srv, ls.tls_context(pki), wrap, dek, gcur.kid, gwrap.wrapped, gdek, header.encode())
-    try:
-        assert target.valid() is None
-        yield target
-    finally:
-        code = srv.stop()
-    assert code == 0, srv.lines[-20:]
-    assert not srv.tracebacks(), srv.tracebacks()
+    yield from serving(srv, LKM(srv, ls.tls_context(pki), wrap, dek, gcur.kid, gwrap.wrapped, gdek, header.encode()))
 
 
 def random_json(rng: random.Random, depth: int = 0) -> object:

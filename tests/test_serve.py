@@ -23,7 +23,14 @@ from multidict import CIMultiDict
 from s3_support import FaultProxy, MotoServer
 from test_playback import CS, KEY, make_package, put
 
-from mediaseal.export.serve import UNSATISFIABLE, AuditLog, PlaybackServer, ServeError, load_tokens, parse_range
+from mediaseal.export.serve import (
+    UNSATISFIABLE,
+    PlaybackAuditLog,
+    PlaybackServer,
+    ServeError,
+    load_tokens,
+    parse_range,
+)
 from mediaseal.export.source import open_source
 
 TOKEN = "t" * 40
@@ -55,7 +62,7 @@ async def server(moto_server: MotoServer, s3_bucket: str, tmp_path: Path, codec_
                  codec_keyring: type[CodecTestKeyring], media: bytes) -> AsyncIterator[Running]:
     put(moto_server.url, s3_bucket, f"site/{KEY}", make_package(codec_kek, media, content_type="audio/ogg"))
     source = open_source(f"s3://{s3_bucket}/site", endpoint_url=moto_server.url)
-    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit = PlaybackAuditLog(tmp_path / "audit.jsonl")
     srv = PlaybackServer(source, codec_keyring(codec_kek), audit=audit, tokens=load_tokens(tokens_file(tmp_path)))
     runner = await srv.start("127.0.0.1", 0)
     host, port = runner.addresses[0][:2]
@@ -203,7 +210,7 @@ async def test_seeks_cost_one_ranged_get_and_replaced_objects_reopen(
     put(fault_proxy.url, s3_bucket, KEY, package)
     hs, stride = codec.parse_header(package).size, CS + codec.TAG_SIZE
     source = open_source(f"s3://{s3_bucket}", endpoint_url=fault_proxy.url)
-    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit = PlaybackAuditLog(tmp_path / "audit.jsonl")
     srv = PlaybackServer(source, codec_keyring(codec_kek), audit=audit, tokens=load_tokens(tokens_file(tmp_path)))
     runner = await srv.start("127.0.0.1", 0)
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/recordings/{KEY}"
@@ -231,7 +238,7 @@ async def test_seeks_cost_one_ranged_get_and_replaced_objects_reopen(
 
 def test_refuses_to_start_without_authentication(tmp_path: Path) -> None:
     with pytest.raises(ServeError, match="authentication"):
-        PlaybackServer(open_source(f"file://{tmp_path}"), CodecTestKeyring({}), audit=AuditLog(tmp_path / "a"))
+        PlaybackServer(open_source(f"file://{tmp_path}"), CodecTestKeyring({}), audit=PlaybackAuditLog(tmp_path / "a"))
     loose = tokens_file(tmp_path)
     loose.chmod(0o644)
     with pytest.raises(ServeError, match="0600"):
@@ -245,15 +252,16 @@ def test_refuses_to_start_without_authentication(tmp_path: Path) -> None:
 
 async def test_mtls_client_certificate_is_required(tmp_path: Path, codec_kek: CodecTestKek,
                                                    codec_keyring: type[CodecTestKeyring], media: bytes) -> None:
-    from mediaseal.keys.lkm.service import server_ssl_context
+    from mediaseal.plumbing.http import server_ssl_context
 
     pki = make_pki(tmp_path / "pki", ("player-1",))
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "r.mseal").write_bytes(make_package(codec_kek, media[:5000]))
     source = open_source(f"file://{tmp_path}/repo")
-    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit = PlaybackAuditLog(tmp_path / "audit.jsonl")
     srv = PlaybackServer(source, codec_keyring(codec_kek), audit=audit, mtls=True)
-    runner = await srv.start("127.0.0.1", 0, server_ssl_context(pki.server_cert, pki.server_key, pki.ca, True))
+    ctx = server_ssl_context(pki.server_cert, pki.server_key, pki.ca, require_client_cert=True)
+    runner = await srv.start("127.0.0.1", 0, ctx)
     port = runner.addresses[0][1]
     try:
         ok = ssl.create_default_context(cafile=str(pki.ca))

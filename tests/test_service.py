@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from agent_harness import ROOT, Agent, Setup, drop, make_keyring
 
-from mediaseal.agent.service import Notifier, notify_address, watchdog_seconds
 from mediaseal.buffer.spool import Manifest
+from mediaseal.plumbing.notify import Notifier, notify_address, watchdog_seconds
 
 WATCHDOG_USEC = 1_200_000  # WatchdogSec=1.2 s: pings must come less than 0.6 s apart (they come every 0.4 s)
 

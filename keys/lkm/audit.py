@@ -1,6 +1,6 @@
 """The Local Key Manager's audit log: one JSON line per request, hash-chained, durable before the answer.
 
->>> log = AuditLog(Path("/var/lib/mediaseal-lkm/audit.jsonl")); await log.start()
+>>> log = ChainedAuditLog(Path("/var/lib/mediaseal-lkm/audit.jsonl")); await log.start()
 >>> await log.append({"operation": "unwrap", "principal": "export-1", "kid": kid, "outcome": "ok"})
 >>> verify_audit_log(Path("audit.jsonl"))          # AuditSummary(lines=..., head=...) or AuditChainError
 
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mediaseal.keys.lkm.errors import LKMConfigError, LKMError, UnavailableError
+from mediaseal.plumbing.durable import fsync, write_all
 
 GENESIS = "0" * 64
 VERSION = 1
@@ -69,7 +70,7 @@ def encode_line(entry: dict[str, Any]) -> bytes:
                       default=str).encode("ascii")
 
 
-class AuditLog:
+class ChainedAuditLog:
     """Append-only, hash-chained, fsynced JSON lines. One instance per file, used from one event loop."""
 
     def __init__(self, path: Path, *, clock: Any = time.time) -> None:
@@ -103,7 +104,7 @@ class AuditLog:
         if self.broken is not None:
             raise UnavailableError(f"audit log is not writable ({self.broken}); nothing is answered unaudited")
         if self._queue is None:
-            raise RuntimeError("AuditLog.start() was not called")
+            raise RuntimeError("ChainedAuditLog.start() was not called")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._queue.put((entry, done))
         await done
@@ -160,11 +161,8 @@ class AuditLog:
         return bytes(out), seq, head
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fsync(self._fd)
+        write_all(self._fd, data)
+        fsync(self._fd, self.path)  # DurabilityError (an OSError): the log is broken, never retried
 
     def _log_head(self, what: str) -> None:
         _log.info(what, extra={"fields": {"path": str(self.path), "seq": self.seq, "head": self.head}})

@@ -40,23 +40,49 @@ import hmac
 import json
 import os
 import re
-import stat
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from mediaseal.keys.lkm.errors import LKMConfigError, OverloadedError, UnauthenticatedError
+from mediaseal.plumbing.credentials import CredentialsFileError, read_credentials_file
 
-UNWRAP, ADMIN, PUBLISH = "unwrap", "admin", "publish"
-ROLES = (UNWRAP, ADMIN, PUBLISH)
+
+class Role(StrEnum):
+    """What a client may do (the clients file's `roles`); a route names the roles that may call it."""
+
+    UNWRAP = "unwrap"
+    ADMIN = "admin"
+    PUBLISH = "publish"
+
+
+class AuthMode(StrEnum):
+    """`lkm serve --auth`: which proofs of identity a /v1 request must bring."""
+
+    MTLS = "mtls"  # a registered client certificate
+    HMAC = "hmac"  # a signed request
+    BOTH = "mtls+hmac"  # both, of the same client
+    ANY = "any"  # either
+
+
+class Family(StrEnum):
+    """Which routes a request is for: the own /v1 API, or the Genesys-compatible shim (Hawk only)."""
+
+    V1 = "v1"
+    HAWK = "hawk"
+
+
+UNWRAP, ADMIN, PUBLISH = Role.UNWRAP, Role.ADMIN, Role.PUBLISH
+ROLES = tuple(Role)
 SCHEME_HMAC, SCHEME_HAWK = "hmac", "hawk"
-MODE_MTLS, MODE_HMAC, MODE_BOTH, MODE_ANY = "mtls", "hmac", "mtls+hmac", "any"
-MODES = (MODE_MTLS, MODE_HMAC, MODE_BOTH, MODE_ANY)
-FAMILY_V1, FAMILY_HAWK = "v1", "hawk"  # which routes: the own /v1 API, or the Genesys-compatible shim
+MODE_MTLS, MODE_HMAC, MODE_BOTH, MODE_ANY = AuthMode.MTLS, AuthMode.HMAC, AuthMode.BOTH, AuthMode.ANY
+MODES = tuple(m.value for m in AuthMode)
+FAMILY_V1, FAMILY_HAWK = Family.V1, Family.HAWK
 
 HMAC_AUTH_SCHEME = "MediaSeal-HMAC-SHA256"
 HMAC_STRING_PREFIX = "MEDIASEAL-HMAC-SHA256"
@@ -98,7 +124,7 @@ class Client:
     """A caller of the service: its roles, its mTLS identities and its (at most two) credentials."""
 
     name: str
-    roles: frozenset[str]
+    roles: frozenset[Role]
     cert_names: frozenset[str] = frozenset()
     credentials: tuple[Credential, ...] = ()
 
@@ -115,6 +141,24 @@ class Principal:
     def name(self) -> str:
         return self.client.name
 
+
+
+def load_secret_document(path: Path, what: str, fix: str, *, detail: bool = True) -> Any:
+    """A TOML (.toml, else JSON) file that holds secrets: refused if others may read it or the group write it.
+
+    `detail`: whether a parse error's own message goes into the LKMConfigError (not for a file that
+    holds a single secret, whose parse error could point into it).
+    """
+    try:
+        raw = read_credentials_file(path, what, forbidden=0o027, fix=fix)
+    except CredentialsFileError as e:
+        raise LKMConfigError(str(e)) from None
+    kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+    try:
+        text = raw.decode("utf-8")
+        return tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as e:
+        raise LKMConfigError(f"{what} {path} is not valid {kind}" + (f": {e}" if detail else "")) from None
 
 class ClientRegistry:
     """The clients file, parsed and checked. Lookups by credential id and by certificate name."""
@@ -141,21 +185,8 @@ class ClientRegistry:
     def load(cls, path: Path) -> ClientRegistry:
         """Read a clients file (.toml, else JSON). Refuses files others can read or anyone but the owner can write."""
         path = Path(path)
-        try:
-            st = path.stat()
-            raw = path.read_bytes()
-        except OSError as e:
-            raise LKMConfigError(f"can't read clients file {path}: {e.strerror}") from None
-        if stat.S_IMODE(st.st_mode) & 0o027:
-            raise LKMConfigError(
-                f"clients file {path} holds secrets but is mode {stat.S_IMODE(st.st_mode):04o}: "
-                "allow no access to others and no group write (chmod 0600 or 0640)")
-        try:
-            text = raw.decode("utf-8")
-            doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as e:
-            raise LKMConfigError(f"clients file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: "
-                                 f"{e}") from None
+        doc = load_secret_document(path, "clients file", "allow no access to others and no group write (chmod 0600 "
+                                   "or 0640)")
         return cls.from_document(doc, str(path), base=path.parent)
 
     @classmethod
@@ -195,7 +226,7 @@ def _client(d: object, index: int, source: str, base: Path | None) -> Client:
     if not cert_names and not creds:
         raise LKMConfigError(f"{where}: has neither cert_names nor credentials, so it can never authenticate")
     credentials = tuple(_credential(c, f"{where} credential {i}", base) for i, c in enumerate(creds, 1))
-    return Client(name, frozenset(roles), frozenset(cert_names), credentials)
+    return Client(name, frozenset(Role(r) for r in roles), frozenset(cert_names), credentials)
 
 
 def _credential(d: object, where: str, base: Path | None) -> Credential:
@@ -288,19 +319,19 @@ class RequestFacts:
 class Authenticator:
     """Turns request facts into a Principal, or raises UnauthenticatedError. Never lets a request through by default."""
 
-    def __init__(self, registry: ClientRegistry, nonces: NonceCache, *, mode: str = MODE_HMAC,
+    def __init__(self, registry: ClientRegistry, nonces: NonceCache, *, mode: AuthMode | str = MODE_HMAC,
                  window: int = DEFAULT_WINDOW, require_hawk_payload_hash: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         self.registry = registry
         self.nonces = nonces
-        self.mode = mode
+        self.mode = AuthMode(mode)
         self.window = window
         self.require_hawk_payload_hash = require_hawk_payload_hash
         self.clock = clock
 
-    def authenticate(self, facts: RequestFacts, family: str) -> Principal:
+    def authenticate(self, facts: RequestFacts, family: Family) -> Principal:
         if family == FAMILY_HAWK:
             return self._hawk(facts)
         cert_client: Client | None = None
@@ -503,13 +534,3 @@ def hawk_header(credential_id: str, key: bytes, method: str, resource: str, host
         parts.append(f'ext="{ext}"')
     parts.append(f'mac="{mac}"')
     return "Hawk " + ", ".join(parts)
-
-
-def cert_names(peercert: Mapping[str, Any] | None) -> frozenset[str] | None:
-    """The names of a verified peer certificate (ssl.getpeercert() form): SAN DNS/URI entries and the subject CN."""
-    if not peercert:
-        return None
-    names = {value for kind, value in peercert.get("subjectAltName", ()) if kind in ("DNS", "URI")}
-    for rdn in peercert.get("subject", ()):
-        names.update(value for key, value in rdn if key == "commonName")
-    return frozenset(names)

@@ -24,10 +24,8 @@ import hashlib
 import json
 import random
 import ssl
-import stat
 import threading
 import time
-import tomllib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +37,7 @@ import aiohttp
 from yarl import URL
 
 from mediaseal import codec
-from mediaseal.keys.lkm.auth import MIN_SECRET_CHARS, sign_request
+from mediaseal.keys.lkm.auth import MIN_SECRET_CHARS, load_secret_document, sign_request
 from mediaseal.keys.lkm.errors import (
     ERROR_CLASSES,
     RETRYABLE_CODES,
@@ -68,18 +66,8 @@ class ClientCredential:
 def load_client_credential(path: Path) -> ClientCredential:
     """A credentials file: TOML (.toml) or JSON with `id` and `secret`; no access for others allowed."""
     path = Path(path)
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LKMConfigError(f"can't read LKM credentials file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if mode & 0o027:
-        raise LKMConfigError(f"LKM credentials file {path} is mode {mode:04o}: allow no access to others "
-                             "and no group write (chmod 0600)")
-    try:
-        doc = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, ValueError):
-        raise LKMConfigError(f"LKM credentials file {path} is not valid TOML/JSON") from None
+    doc = load_secret_document(path, "LKM credentials file",
+                               "allow no access to others and no group write (chmod 0600)", detail=False)
     if not isinstance(doc, dict) or set(doc) != {"id", "secret"} or not all(isinstance(v, str) for v in doc.values()):
         raise LKMConfigError(f"LKM credentials file {path} must have exactly the string members id and secret")
     if len(doc["secret"]) < MIN_SECRET_CHARS:
