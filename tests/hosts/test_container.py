@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import secrets_audit
 from agent_harness import PASSPHRASE, drop, packages, write_config
-from container_support import DEBIAN_TOOLS, ROOT, LogFollower, base_image, host_wheels, podman, remove
+from container_support import DEBIAN_TOOLS, ROOT, ContainerAgent, base_image, host_wheels, podman, remove
 from debian_root import require_root_tools
 
 CONTAINERFILE = ROOT / "packaging" / "container" / "Containerfile"
@@ -82,6 +83,8 @@ def public_keyring(tmp_path: Path, into: Path) -> Path:
     return full
 
 
+# A first run also debootstraps the base (about 3 minutes here) and fetches the dependency wheels.
+@pytest.mark.timeout(3600)
 def test_the_image_builds_offline_and_runs_read_only_as_its_user(
         tmp_path: Path, made: dict[str, list[str]], record_property: Callable[[str, object], None]) -> None:
     require_root_tools(*DEBIAN_TOOLS)
@@ -94,8 +97,8 @@ def test_the_image_builds_offline_and_runs_read_only_as_its_user(
     image, container = f"localhost/mediaseal-test:{run_id}", f"mediaseal-test-{run_id}"
     made["image"].append(image)
     # --layers=false: no unnamed image per stage is left behind (a fresh wheel defeats the layer cache
-    # anyway); --pull=never: the base is local, and there is no registry to ask.
-    podman("build", "--format", "docker", "--layers=false", "--network=none", "--pull=never",
+    # anyway), --force-rm: nor a build container when a step fails; --pull=never: the base is local.
+    podman("build", "--format", "docker", "--layers=false", "--force-rm", "--network=none", "--pull=never",
            "--volume", f"{wheels}:/wheels:ro", "--build-arg", f"PYTHON_IMAGE={base}",
            "--file", str(CONTAINERFILE), "--tag", image, str(ROOT), timeout=1800)
     built = time.monotonic()
@@ -129,14 +132,14 @@ def test_the_image_builds_offline_and_runs_read_only_as_its_user(
            "--network=none", "--log-driver", "k8s-file",
            "--volume", f"{capture}:/srv/recordings", "--volume", f"{state}:/var/lib/mediaseal",
            "--volume", f"{repository}:/srv/repository", "--volume", f"{etc}:/etc/mediaseal:ro", image)
-    log = LogFollower(container)
-    (ctr,) = json.loads(podman("container", "inspect", container).stdout)
-    assert ctr["HostConfig"]["ReadonlyRootfs"] is True and ctr["Config"]["User"] == f"{UID}:{UID}"
+    log = ContainerAgent(container)
     try:
+        (ctr,) = json.loads(podman("container", "inspect", container).stdout)
+        assert ctr["HostConfig"]["ReadonlyRootfs"] is True and ctr["Config"]["User"] == f"{UID}:{UID}"
         log.wait_for("ready", CEILING)
         data = secrets.token_bytes(300_000)
         digest = drop(calls, "call-0001.wav", data)
-        delivered = log.wait_for("delivered", CEILING)
+        (delivered,) = log.wait_for("delivered", CEILING)
         ran = time.monotonic()
         (package,) = packages(repository)
         assert delivered["path"] == "/srv/recordings/calls/call-0001.wav"
@@ -156,7 +159,8 @@ def test_the_image_builds_offline_and_runs_read_only_as_its_user(
         stopped = time.monotonic()
         log.wait_for("stopped", CEILING)
     finally:
-        log.close()
+        log.kill()
+        secrets_audit.REGISTRY.text("the container's log", "\n".join(log.lines))
     state_doc = json.loads(podman("inspect", "--format", "{{json .State}}", container).stdout)
     assert state_doc["ExitCode"] == 0, f"exit {state_doc['ExitCode']} after SIGTERM:\n{log.tail()}"
     assert stopped - stopping < STOP_TIMEOUT, "podman had to SIGKILL: the agent did not stop on SIGTERM"
