@@ -8,8 +8,8 @@ rather than in the Containerfile (which stays what a user with a registry builds
   - no PyPI inside the build (`--network=none`): the wheels are built on the host, for its Python,
     which is the image's too (bookworm's python3 is 3.11), and mounted at /wheels;
   - crun fails here ("cgroups in hybrid mode not supported") and runc fails on setrlimit, so every
-    podman call names the `runc-no-rlimits` wrapper beside this file as its runtime (an absolute
-    path: podman takes a relative one for a runtime's name).
+    podman call names the `runc-no-rlimits` wrapper beside this file as its runtime (by absolute
+    path: podman reads a relative one as the name of a configured runtime).
 
 Every podman call has a ceiling (the machine is shared and slow at times); a failed one fails the
 test with podman's own words.
