@@ -1,6 +1,6 @@
 """Packaging and docs: the systemd unit (systemd-analyze verify and security), the Containerfile's
-structure (no engine runs here), the example config, and the docs that must not drift from the code
-(config reference, log events, metrics).
+structure (tests/hosts/test_container.py builds and runs the image, as root), the example config,
+and the docs that must not drift from the code (config reference, log events, metrics).
 
 systemd-analyze: the unit names /opt/mediaseal/bin/mediaseal, which does not exist on a build
 machine, and `verify` rightly complains about a missing executable. So a copy of each unit is
@@ -254,6 +254,17 @@ def test_containerfile_installs_every_package_and_its_entrypoint_exists() -> Non
     r = subprocess.run([str(installed_script(script)), *entry[1:], *cmd[:1], "--help"], capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode == 0 and "--config" in r.stdout, r.stderr
+
+
+def test_containerfile_installs_from_wheels_without_an_index() -> None:
+    """The install reads no index (an offline build mounts the host's wheels); only the fallback builds them."""
+    (run,) = [a for k, a in stages(CONTAINERFILE)[0] if k == "RUN"]
+    installs = [c for c in run.split("&&") if " install " in c]
+    assert installs and all("--no-index" in c and "--find-links" in c and "-c constraints.txt" in c
+                            for c in installs), run
+    assert "/wheels" in run and run.rstrip().endswith("mediaseal --help > /dev/null")
+    # podman/buildah drop HEALTHCHECK from an OCI-format image: the file says how to build it.
+    assert "--format docker" in CONTAINERFILE.read_text()
 
 
 def test_container_layout_is_read_only_root_friendly() -> None:
