@@ -2,7 +2,9 @@
 `os._exit` the n-th time (default first) it reaches that point, as abruptly as a SIGKILL would.
 
 Points: mid-encrypt, after-staging-fsync, after-commit, after-delivery, after-part-saved (an S3 multipart
-upload's state, with its completed parts, was just saved in the manifest).
+upload's state, with its completed parts, was just saved in the manifest), and the spool's own steps
+inside a transition (`buffer.spool.SpoolStep`, passed in as the spool's `on_step`): mid-commit (package
+renamed into place, manifest not yet written), mid-release (one of package and manifest removed).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 import threading
 
 CRASH_EXIT = 86
-POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery", "after-part-saved")
+POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery", "after-part-saved",
+          "mid-commit", "mid-release")
 
 _spec = os.environ.get("MEDIASEAL_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")

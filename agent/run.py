@@ -19,13 +19,15 @@ from pathlib import Path
 import uvloop
 
 from mediaseal.agent.config import Config, ConfigError, load_config
+from mediaseal.agent.crash import crash_point
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.log import setup_logging
 from mediaseal.agent.pipeline import Pipeline
 from mediaseal.agent.service import AgentService, ServiceError
-from mediaseal.buffer.spool import DurabilityError, Spool
+from mediaseal.buffer.spool import Spool
 from mediaseal.keys.errors import KeysError
 from mediaseal.keys.keyring import Keyring, passphrase_from
+from mediaseal.plumbing.durable import DurabilityError
 from mediaseal.uploader import RepositoryError, open_repository
 
 log = logging.getLogger("mediaseal.agent")
@@ -106,7 +108,8 @@ async def _serve(config: Config, service: AgentService, *, announce: bool) -> in
     except RepositoryError as e:
         print(f"mediaseal: error: {e}", file=sys.stderr)
         return 1
-    spool = Spool(config.buffer.path, config.buffer.max_bytes, min_free_bytes=config.buffer.min_free_bytes)
+    spool = Spool(config.buffer.path, config.buffer.max_bytes, min_free_bytes=config.buffer.min_free_bytes,
+                  on_step=crash_point)
     pipeline = Pipeline(config, spool, repository, keys, quarantine_seconds=config.repository.quarantine_seconds)
     service.attach(pipeline)
     service.set_phase("recovering the spool")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mediaseal.agent.config import Config, ConfigError, load_config
-from mediaseal.buffer.spool import STATES, Manifest
+from mediaseal.buffer.manifest import STATES, Manifest
 
 MAX_ERRORS = 10  # manifests with errors listed (most attempts first)
 
@@ -86,7 +86,7 @@ def read_spool(root: Path, *, cache: ManifestCache | None = None, now: float | N
     packages = root / "packages"
     if not packages.is_dir():
         raise FileNotFoundError(f"spool {root} does not exist (wrong --config, or the agent never ran there)")
-    counts = dict.fromkeys(STATES, 0)
+    counts: dict[str, int] = {state.value: 0 for state in STATES}
     total = nbytes = unreadable = 0
     oldest: Manifest | None = None
     with_errors: list[Manifest] = []
@@ -170,8 +170,8 @@ class StatusError(Exception):
 def render(report: SpoolReport, agent: dict[str, Any]) -> str:
     lines = [f"spool {report.root}"]
     lines.append(f"  packages   {report.packages} ({_size(report.bytes)})   being sealed {report.staging}")
-    for state in STATES:
-        lines.append(f"  {state:<10} {report.counts.get(state, 0)}")
+    for known in STATES:
+        lines.append(f"  {known:<10} {report.counts.get(known, 0)}")
     for state, n in report.counts.items():
         if state not in STATES:
             lines.append(f"  {state:<10} {n}   (unknown state)")

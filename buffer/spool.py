@@ -2,80 +2,63 @@
 
     <root>/staging/<id>.mseal.part   being written: ciphertext from its first byte (the codec's output)
     <root>/packages/<id>.mseal       committed: fsynced, renamed into place, directory fsynced
-    <root>/packages/<id>.json        its manifest: the recording's durable state
+    <root>/packages/<id>.json        its manifest: the recording's durable state (buffer/manifest.py)
     <root>/kept/<id>                 sources disposed with "keep": already done, don't encrypt again
 
 >>> spool = Spool(root, max_bytes=10 << 30)
 >>> resume = spool.recover()                  # at start: drop staging leftovers, list what to deliver
 >>> r = spool.reserve(estimate)              # capacity for one recording, or None when full
 >>> with spool.staging(rid) as (f, path): ...  # seal into f
->>> m = spool.commit(path, manifest, r)       # now durable; the source may be disposed
->>> spool.release(m)                          # after the repository confirmed it
+>>> spool.commit(path, manifest, r)           # SPOOLED, durable: the source may be disposed now
+>>> spool.record_digest(m, sha256)            # before the first byte goes out
+>>> spool.record_upload(m, progress)          # UPLOADING, after each part the repository holds
+>>> spool.record_failure(m, "timeout")        # attempts and last error, for `mediaseal status`
+>>> spool.record_verified(m)                  # VERIFIED: the repository confirmed it
+>>> spool.release(m)                          # the spool copy goes
 
-Every state change is written before its side effect (temp file, fsync, rename, fsync directory),
-so a crash at any instant leaves either the old state or the new one, never a torn file.
+The spool owns the manifest's state machine: every transition above is a method here, refused with
+`TransitionError` (before anything is written) from a state it cannot come from, and written durably
+(mediaseal.plumbing.durable: temp, fsync, rename, fsync directory) before the caller acts on it, so a
+crash at any instant leaves either the old state or the new one, never a torn file. A failed fsync
+raises `DurabilityError` (never retried); the agent stops on it with exit 3.
+
+`on_step` (the agent passes its crash points) is called at the named instants inside a transition
+where a crash leaves a half-done change for `recover` to finish or undo: "mid-commit" (the package
+renamed into place, its manifest not yet written) and "mid-release" (the first of package and manifest
+removed and fsynced, the second not yet).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Literal, cast
+
+from mediaseal.buffer.manifest import STATES, Manifest, ManifestState, SourceIdentity
+from mediaseal.plumbing.durable import DurabilityError, atomic_open, fsync, fsync_dir
 
 log = logging.getLogger("mediaseal.spool")
 
-SPOOLED = "spooled"  # committed in the spool; source may be disposed
-UPLOADING = "uploading"  # delivery under way (resumable state in `upload`)
-VERIFIED = "verified"  # the repository confirmed size and SHA-256; the spool copy can go
-STATES = (SPOOLED, UPLOADING, VERIFIED)
+SPOOLED, UPLOADING, VERIFIED = ManifestState.SPOOLED, ManifestState.UPLOADING, ManifestState.VERIFIED
+_DELIVERING = frozenset({SPOOLED, UPLOADING})  # where every delivery transition may come from
+
+SpoolStep = Literal["mid-commit", "mid-release"]
 
 
 class SpoolError(Exception):
     """The spool can't do what was asked (not enough room, a broken file)."""
 
 
-class DurabilityError(SpoolError):
-    """fsync failed: the state on disk is unknown, so the agent must stop rather than go on."""
-
-
-@dataclass
-class Manifest:
-    """One recording's durable state. Non-secret metadata only."""
-
-    recording_id: str
-    kind: str
-    repo_key: str
-    package_size: int
-    sha256: str | None  # the package's SHA-256, computed before the first delivery that needs it
-    kid: str
-    source: str
-    identity: dict[str, int]
-    dispose: str
-    move_to: str | None = None
-    marker: str | None = None  # the completion marker file to remove with the source
-    state: str = SPOOLED
-    created_at: float = 0.0
-    attempts: int = 0
-    last_error: str = ""
-    upload: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        doc = json.loads(data)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in names})
+class TransitionError(SpoolError):
+    """A state change asked of a manifest in a state it cannot come from: a bug in the caller, refused
+    before anything is written."""
 
 
 @dataclass
@@ -113,12 +96,14 @@ class StagingFile:
 
 
 class Spool:
-    """Ciphertext-only staging, atomic commit, manifests, recovery and capacity accounting."""
+    """Ciphertext-only staging, atomic commit, the manifests' transitions, recovery and capacity."""
 
-    def __init__(self, root: Path, max_bytes: int, *, min_free_bytes: int = 64 << 20) -> None:
+    def __init__(self, root: Path, max_bytes: int, *, min_free_bytes: int = 64 << 20,
+                 on_step: Callable[[SpoolStep], None] | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
+        self._on_step = on_step or _no_step
         self._staging = root / "staging"
         self._packages = root / "packages"
         self._kept = root / "kept"
@@ -129,6 +114,7 @@ class Spool:
         self._committed = 0  # bytes of packages in packages/
         self._reserved = 0  # bytes set aside for recordings being sealed
         self._count = 0
+        self._verified_unwritten: set[str] = set()  # VERIFIED in memory only (see record_verified)
 
     # -- capacity --------------------------------------------------------------------------------
 
@@ -160,25 +146,28 @@ class Spool:
                 reservation.released = True
                 self._reserved -= reservation.nbytes
 
-    # -- writing ---------------------------------------------------------------------------------
+    # -- writing: staging and commit -------------------------------------------------------------
 
     @contextlib.contextmanager
     def staging(self, recording_id: str) -> Iterator[tuple[StagingFile, Path]]:
-        """A fresh 0600 staging file for `recording_id`, fsynced at the end; removed if the block fails."""
+        """A fresh 0600 staging file for `recording_id`, fsynced at the end; removed if the block fails.
+
+        Not `atomic_open`: the staging file's one rename is commit's, into another directory, under
+        the directory fsync it shares with the manifest."""
         path = self._staging / f"{recording_id}.mseal.part"
         # O_TRUNC: a leftover of an attempt that did not finish is simply overwritten.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 yield StagingFile(f), path
-                _fsync(f.fileno(), path)
+                fsync(f.fileno(), path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             raise
 
     def commit(self, staged: Path, manifest: Manifest, reservation: Reservation) -> Manifest:
-        """Move a sealed, fsynced staging file into packages/ and write its manifest.
+        """-> SPOOLED. Move a sealed, fsynced staging file into packages/ and write its manifest.
 
         The package is renamed into place first and the manifest second, and one directory fsync makes
         both durable; only then may the source be disposed. A crash before that fsync leaves either
@@ -186,11 +175,14 @@ class Spool:
         present, is sealed again), and a manifest without its package whose source is still there
         unchanged is not committed either (removed the same way; see `recover`).
         """
-        package = self.package_path(manifest.recording_id)
-        tmp = self._write_manifest_tmp(manifest)
-        os.rename(staged, package)
-        os.rename(tmp, self._manifest_path(manifest.recording_id))
-        _fsync_dir(self._packages)
+        rid = manifest.recording_id
+        if manifest.state != SPOOLED or os.path.lexists(self._manifest_path(rid)):
+            raise TransitionError(f"{rid}: commit is for a new recording (state {manifest.state}, "
+                                  f"manifest on disk: {os.path.lexists(self._manifest_path(rid))})")
+        os.rename(staged, self.package_path(rid))
+        self._on_step("mid-commit")
+        self._write_manifest(manifest, sync_dir=False)
+        fsync_dir(self._packages)
         with self._lock:
             if not reservation.released:
                 reservation.released = True
@@ -199,35 +191,71 @@ class Spool:
             self._count += 1
         return manifest
 
-    def update(self, manifest: Manifest) -> None:
-        """Persist a state change (before acting on it)."""
+    # -- writing: delivery transitions -----------------------------------------------------------
+
+    def record_digest(self, manifest: Manifest, sha256: str) -> None:
+        """Record the package's SHA-256 before its first byte goes out, so every attempt and every
+        replay after a crash is checked against the same digest: recorded once, never changed."""
+        self._expect(manifest, _DELIVERING, "record a digest")
+        if manifest.sha256 is not None:
+            raise TransitionError(f"{manifest.recording_id}: its digest is recorded already")
+        manifest.sha256 = sha256
         self._write_manifest(manifest)
 
-    def release(self, manifest: Manifest, *, replayable: bool = False) -> None:
-        """Drop a package the repository has confirmed: package first, then its manifest.
+    def record_upload(self, manifest: Manifest, progress: dict[str, Any]) -> None:
+        """-> UPLOADING, with the repository's resumable progress (an S3 multipart upload's id and the
+        parts it holds; {} to start over), saved before the next part is sent."""
+        self._expect(manifest, _DELIVERING, "record upload progress")
+        manifest.upload = dict(progress)
+        manifest.state = UPLOADING
+        self._write_manifest(manifest)
 
-        `replayable`: the delivery costs nothing to repeat (the repository holds this very inode), so
-        VERIFIED was never written and the manifest goes first, with one fsync: a crash before it
-        replays the no-op delivery; after it, recovery removes the package as uncommitted.
+    def record_failure(self, manifest: Manifest, error: str) -> None:
+        """Count a failed delivery attempt (state unchanged), so `mediaseal status` shows it with the
+        agent down."""
+        self._expect(manifest, _DELIVERING, "record a failed attempt")
+        manifest.attempts += 1
+        manifest.last_error = error
+        self._write_manifest(manifest)
+
+    def record_verified(self, manifest: Manifest, *, durable: bool = True) -> None:
+        """-> VERIFIED: the repository confirmed the package; `release` may follow.
+
+        `durable=False` (no I/O: fine on an event loop) where the delivery costs nothing to repeat (the
+        repository holds this very inode): VERIFIED is not written, saving an fsync per recording, and
+        `release` then removes the manifest first (see there).
         """
-        if manifest.state != VERIFIED:
-            raise SpoolError(f"{manifest.recording_id}: only a verified package may leave the spool")
-        if replayable:
-            with contextlib.suppress(FileNotFoundError):
-                self._manifest_path(manifest.recording_id).unlink()
-            _fsync_dir(self._packages)
-            with contextlib.suppress(FileNotFoundError):
-                self.package_path(manifest.recording_id).unlink()
+        self._expect(manifest, _DELIVERING, "mark verified")
+        manifest.state = VERIFIED
+        if durable:
+            self._write_manifest(manifest)
+        else:
             with self._lock:
-                self._committed -= manifest.package_size
-                self._count -= 1
-            return
+                self._verified_unwritten.add(manifest.recording_id)
+
+    def release(self, manifest: Manifest) -> None:
+        """VERIFIED -> gone. Drop a package the repository has confirmed: package first, then its manifest.
+
+        VERIFIED in memory only (`record_verified(durable=False)`): the manifest on disk still says
+        SPOOLED or UPLOADING, so it goes first, with one fsync: a crash before it replays the no-op
+        delivery; after it, recovery removes the package as uncommitted.
+        """
+        rid = manifest.recording_id
+        if manifest.state != VERIFIED:
+            raise TransitionError(f"{rid}: only a verified package may leave the spool (state {manifest.state})")
+        with self._lock:
+            replayable = rid in self._verified_unwritten
+            self._verified_unwritten.discard(rid)
+        first, second = ((self._manifest_path(rid), self.package_path(rid)) if replayable
+                         else (self.package_path(rid), self._manifest_path(rid)))
         with contextlib.suppress(FileNotFoundError):
-            self.package_path(manifest.recording_id).unlink()
-        _fsync_dir(self._packages)
+            first.unlink()
+        fsync_dir(self._packages)
+        self._on_step("mid-release")
         with contextlib.suppress(FileNotFoundError):
-            self._manifest_path(manifest.recording_id).unlink()
-        _fsync_dir(self._packages)
+            second.unlink()
+        if not replayable:
+            fsync_dir(self._packages)
         with self._lock:
             self._committed -= manifest.package_size
             self._count -= 1
@@ -237,7 +265,7 @@ class Spool:
         path = self._kept / recording_id
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
-        _fsync_dir(self._kept)
+        fsync_dir(self._kept)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -255,7 +283,7 @@ class Spool:
 
     def manifests(self) -> Iterator[Manifest]:
         for entry in os.scandir(self._packages):
-            if entry.name.endswith(".json"):
+            if entry.name.endswith(".json") and not entry.name.startswith("."):
                 m = self.load(entry.name[: -len(".json")])
                 if m is not None:
                     yield m
@@ -270,7 +298,7 @@ class Spool:
         for entry in os.scandir(self._staging):
             log.info("removing unfinished staging file", extra={"fields": {"file": entry.name}})
             os.unlink(entry.path)
-        _fsync_dir(self._staging)
+        fsync_dir(self._staging)
         for leftover in self._packages.glob(".*.tmp"):
             leftover.unlink()
         pending: list[str] = []
@@ -284,7 +312,9 @@ class Spool:
                 os.unlink(entry.path)
         for m in self.manifests():
             if not self.package_path(m.recording_id).exists():
-                if m.state == SPOOLED and not self.is_kept(m.recording_id) and _source_unchanged(m):
+                identity = m.source_identity
+                if (m.state == SPOOLED and not self.is_kept(m.recording_id) and identity is not None
+                        and identity.same_file(SourceIdentity.of_path(m.source))):
                     # The manifest's rename reached the disk and the package's did not (commit's one
                     # fsync never ran): not committed, and the source was not disposed. Removing the
                     # manifest lets the source be sealed again, instead of disposed with no package.
@@ -301,9 +331,10 @@ class Spool:
             committed += m.package_size
             count += 1
             pending.append(m.recording_id)
-        _fsync_dir(self._packages)
+        fsync_dir(self._packages)
         with self._lock:
             self._committed, self._count = committed, count
+            self._verified_unwritten.clear()
         return sorted(pending)
 
     # -- internals -------------------------------------------------------------------------------
@@ -311,19 +342,18 @@ class Spool:
     def _manifest_path(self, recording_id: str) -> Path:
         return self._packages / f"{recording_id}.json"
 
-    def _write_manifest(self, manifest: Manifest) -> None:
-        os.rename(self._write_manifest_tmp(manifest), self._manifest_path(manifest.recording_id))
-        _fsync_dir(self._packages)
+    def _expect(self, manifest: Manifest, allowed: frozenset[ManifestState], what: str) -> None:
+        if manifest.state not in allowed:
+            raise TransitionError(f"{manifest.recording_id}: cannot {what} in state {manifest.state} "
+                                  f"(only from {', '.join(sorted(allowed))})")
 
-    def _write_manifest_tmp(self, manifest: Manifest) -> Path:
-        tmp = self._packages / f".{manifest.recording_id}.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, manifest.to_json())
-            _fsync(fd, tmp)
-        finally:
-            os.close(fd)
-        return tmp
+    def _write_manifest(self, manifest: Manifest, *, sync_dir: bool = True) -> None:
+        with atomic_open(self._manifest_path(manifest.recording_id), sync_dir=sync_dir) as f:
+            f.write(manifest.to_json())
+
+
+def _no_step(step: SpoolStep) -> None:
+    pass
 
 
 WRITEBACK_STEP = 8 << 20
@@ -345,29 +375,5 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _sync_file_range = _load_sync_file_range()
 
-
-def _source_unchanged(m: Manifest) -> bool:
-    """Whether the manifest's source is still in place with the identity it was sealed from."""
-    try:
-        st = os.stat(m.source, follow_symlinks=False)
-    except OSError:
-        return False
-    now = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return bool(m.identity) and all(m.identity.get(k) == v for k, v in now.items())
-
-
-def _fsync(fd: int, what: Path) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # After a failed fsync the kernel may have dropped the dirty pages: what is on disk is
-        # unknown, and retrying the fsync would "succeed" falsely. Stop instead.
-        raise DurabilityError(f"fsync of {what} failed: {e.strerror}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _fsync(fd, path)
-    finally:
-        os.close(fd)
+__all__ = ["SPOOLED", "STATES", "UPLOADING", "VERIFIED", "DurabilityError", "Manifest", "ManifestState",
+           "Reservation", "SourceIdentity", "Spool", "SpoolError", "SpoolStep", "StagingFile", "TransitionError"]

@@ -1,0 +1,271 @@
+"""Intake: a complete source file -> a sealed, committed package in the spool (DESIGN section 6).
+
+>>> intake = Intake(config, spool, keys, disposal, executor, space, deliver=uploads.put_nowait)
+>>> await intake.handle(candidate, stop)    # one candidate from the watcher; errors handled here
+
+Per recording: the file is opened without following symlinks and its identity checked against the
+watcher's, sealed in a worker thread straight into a staging file (ciphertext from its first byte;
+the codec reads the source with `readinto` into its own buffers), its identity checked again after the
+last byte, and committed (`Spool.commit`: package and manifest renamed under one directory fsync).
+Only then is the source disposed, with the delivery queued beside it (`deliver`): both need only the
+durable commit, and unlinking a large file costs ~15 ms (ext4 freeing its extents) that the delivery
+need not wait for. The event loop only coordinates; the bytes move in threads.
+
+Errors: a source that changed or vanished is redone or dropped quietly; an unreadable one is cooled
+down (looked at again later); a failed fsync (DurabilityError) is never handled here, it stops the
+agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import io
+import logging
+import mimetypes
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+from mediaseal import codec
+from mediaseal.agent import metrics
+from mediaseal.agent.config import Config, WatchConfig
+from mediaseal.agent.crash import crash_point
+from mediaseal.agent.disposal import Disposal, dispose_mode
+from mediaseal.agent.keysource import PublicKeys
+from mediaseal.agent.watcher import Candidate, FileIdentity
+from mediaseal.buffer.manifest import Manifest, SourceIdentity
+from mediaseal.buffer.spool import Reservation, Spool
+from mediaseal.plumbing.durable import DurabilityError
+from mediaseal.uploader import repository_key
+
+log = logging.getLogger("mediaseal.pipeline")
+
+UNREADABLE_RETRY_SECONDS = 60.0
+FAILURE_RETRY_SECONDS = 5.0
+
+__all__ = ["Cancelled", "Intake", "SourceChangedError", "display_name", "package_estimate", "recording_id"]
+
+
+class SourceChangedError(Exception):
+    """The source file changed while it was being sealed: the package is discarded and redone."""
+
+
+class Cancelled(Exception):
+    """The agent is stopping: unfinished work is abandoned (it is redone from the source later)."""
+
+
+def recording_id(agent_id: str, path: Path, ident: FileIdentity) -> str:
+    """Stable for one source file (a replay after a crash lands on the same repository key), and
+    different for two recordings even under a reused name (the inode and mtime differ)."""
+    when = dt.datetime.fromtimestamp(ident.mtime_ns / 1e9, dt.UTC)
+    basis = f"{agent_id}\0{path}\0{ident.dev}\0{ident.ino}\0{ident.size}\0{ident.mtime_ns}"
+    # surrogateescape: a name that is not UTF-8 (any bytes but / and NUL are legal) hashes as its bytes.
+    return f"{when:%Y%m%dT%H%M%SZ}-{hashlib.sha256(basis.encode('utf-8', 'surrogateescape')).hexdigest()[:20]}"
+
+
+def display_name(name: str) -> str:
+    """The source's name as the package metadata keeps it: UTF-8 always, so a name that is not
+    (its undecodable bytes arrive as surrogate escapes) keeps those bytes as `\\xNN` text."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:4096]
+
+
+def package_estimate(size: int, chunk_size: int) -> int:
+    """An upper bound on the package size for `size` bytes of plaintext (what the spool reserves)."""
+    return size + (size // chunk_size + 1) * codec.TAG_SIZE + 64 * 1024
+
+
+class Intake:
+    """Seals candidates into the spool and commits them; hands committed ones to disposal and delivery."""
+
+    def __init__(self, config: Config, spool: Spool, keys: PublicKeys, disposal: Disposal, executor: Executor,
+                 space: asyncio.Condition, *, deliver: Callable[[str], None], chunk_size: int) -> None:
+        self.config = config
+        self.spool = spool
+        self.keys = keys
+        self.chunk_size = chunk_size
+        self._disposal = disposal
+        self._executor = executor
+        self._space = space  # notified by delivery whenever a release made room
+        self._deliver = deliver
+        self._in_flight: set[Path] = set()
+        self._cooldown: dict[Path, float] = {}  # path -> monotonic time before which it is skipped
+        self._cancel = threading.Event()
+
+    def is_busy(self, path: Path) -> bool:
+        """Whether the watcher should leave `path` alone for now (being sealed, or cooling down)."""
+        if path in self._in_flight:
+            return True
+        until = self._cooldown.get(path)
+        if until is not None and until > time.monotonic():
+            return True
+        self._cooldown.pop(path, None)
+        return False
+
+    def cancel(self) -> None:
+        """Stop every sealing thread at its next chunk (its staging file is removed)."""
+        self._cancel.set()
+
+    async def handle(self, cand: Candidate, stop: asyncio.Event) -> None:
+        """Take one candidate through intake. Raises only DurabilityError and Cancelled."""
+        if cand.path in self._in_flight:
+            return
+        self._in_flight.add(cand.path)
+        try:
+            await self._intake(cand, stop)
+        except (DurabilityError, Cancelled):
+            raise
+        except Exception as e:  # a bug must not take the daemon down silently: count, log, cool down
+            metrics.FAILED.labels("intake", type(e).__name__).inc()
+            log.exception("intake-error", extra={"fields": {"path": str(cand.path)}})
+            self._cooldown[cand.path] = time.monotonic() + FAILURE_RETRY_SECONDS
+        finally:
+            self._in_flight.discard(cand.path)
+
+    async def _intake(self, cand: Candidate, stop: asyncio.Event) -> None:
+        w = cand.watch
+        rid = recording_id(self.config.agent.id, cand.path, cand.identity)
+        fields: dict[str, Any] = {"recording_id": rid, "kind": w.kind, "path": str(cand.path)}
+        existing = self.spool.load(rid)
+        if existing is not None:  # sealed before a restart: only the disposal may be missing
+            await self._disposal.start(existing)
+            return
+        if self.spool.is_kept(rid):
+            return
+        metrics.DISCOVERED.labels(w.kind).inc()  # here, not in the watcher, which may emit a file twice
+        need = package_estimate(cand.identity.size, self.chunk_size)
+        if not self.spool.fits_ever(need):
+            metrics.FAILED.labels("intake", "too-large-for-spool").inc()
+            log.error("too-large-for-spool", extra={"fields": fields})
+            self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS * 10
+            return
+        recipient = await self.keys.wait_current(stop)
+        if recipient is None:
+            raise Cancelled
+        reservation = await self._reserve(need, stop)
+        log.info("sealing", extra={"fields": fields})
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            m = await loop.run_in_executor(self._executor, self._seal, cand, rid, recipient, reservation)
+        except SourceChangedError:
+            metrics.REDONE.inc()
+            log.info("redo", extra={"fields": fields})
+            return
+        except FileNotFoundError:
+            log.info("vanished", extra={"fields": fields})
+            return
+        except PermissionError as e:
+            metrics.FAILED.labels("intake", "unreadable").inc()
+            log.error("unreadable", extra={"fields": {**fields, "error": e.strerror}})
+            self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS
+            return
+        except DurabilityError:
+            raise  # an OSError too, but never a fault of this source: the agent stops
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # replaced by a symlink after the scan: never followed, not a fault
+                log.warning("skipped", extra={"fields": {**fields, "reason": "symbolic link, not followed"}})
+                return
+            reason = errno.errorcode.get(e.errno or 0, "oserror")
+            metrics.FAILED.labels("intake", reason).inc()
+            log.error("seal-failed", extra={"fields": {**fields, "error": str(e)}})
+            self._cooldown[cand.path] = time.monotonic() + FAILURE_RETRY_SECONDS
+            return
+        finally:
+            self.spool.cancel(reservation)
+            metrics.SPOOL_BYTES.set(self.spool.used_bytes)
+            metrics.SPOOL_PACKAGES.set(self.spool.package_count)
+        metrics.ENCRYPTED.labels(w.kind).inc()
+        metrics.ENCRYPT_SECONDS.observe(time.monotonic() - started)
+        log.info("spooled", extra={"fields": {**fields, "bytes": cand.identity.size, "kid": m.kid}})
+        crash_point("after-commit")
+        # Delivery goes ahead while the source is disposed (see the module docstring); the disposal is
+        # registered first, so the delivery's release waits for it.
+        disposed = self._disposal.start(m)
+        self._deliver(rid)
+        await disposed
+
+    async def _reserve(self, need: int, stop: asyncio.Event) -> Reservation:
+        """Capacity in the spool for one recording; waits (intake paused) while the spool is full."""
+        paused = False
+        while (r := self.spool.reserve(need)) is None:
+            if stop.is_set():
+                raise Cancelled
+            if not paused:
+                paused = True
+                log.warning("intake-paused", extra={"fields": {"reason": "spool full", "need": need,
+                                                                "used": self.spool.used_bytes}})
+            metrics.INTAKE_PAUSED.set(1)
+            async with self._space:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._space.wait(), timeout=5.0)
+        metrics.INTAKE_PAUSED.set(0)
+        if paused:
+            log.info("intake-resumed")
+        return r
+
+    def _seal(self, cand: Candidate, rid: str, recipient: codec.Recipient, reservation: Reservation) -> Manifest:
+        """Seal one source into the spool and commit it (worker thread)."""
+        w = cand.watch
+        fd = os.open(cand.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never through a symlink
+        with open(fd, "rb", buffering=0) as src:
+            sealed_from = SourceIdentity.of(os.fstat(fd))
+            if not sealed_from.same_file(cand.identity):
+                raise SourceChangedError
+            captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
+            metadata = codec.Metadata(
+                recording_id=rid, kind=w.kind, content_type=_content_type(w, cand.path),
+                original_name=display_name(cand.path.name), captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                agent_id=self.config.agent.id[:4096],
+            )
+            header, keys = codec.new_package(metadata, [recipient], self.chunk_size)
+            with self.spool.staging(rid) as (staged, staged_path):
+                # No digest here: SHA-256 is slower than the encryption and the copy together, and a
+                # same-filesystem repository confirms by identity; delivery hashes when it is needed.
+                result = codec.seal(_Source(src, self._cancel), staged, header, keys,
+                                    size_hint=cand.identity.size)
+            crash_point("after-staging-fsync")
+            # The identity is checked again now that every byte has been read: a file rewritten or
+            # appended to during sealing gives a package of neither version, so it is redone.
+            after = SourceIdentity.of_path(cand.path)
+            if not sealed_from.same_file(after) or result.plaintext_size != cand.identity.size:
+                staged_path.unlink()
+                raise SourceChangedError
+        metrics.BYTES_IN.inc(result.plaintext_size)
+        ident = cand.identity
+        manifest = Manifest(
+            recording_id=rid, kind=w.kind,
+            repo_key=repository_key(w.kind, metadata.captured_at, rid),
+            package_size=result.package_size, sha256=None, kid=recipient.kid, source=str(cand.path),
+            identity=SourceIdentity(ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns).to_dict(),
+            dispose=dispose_mode(w.dispose), move_to=str(w.move_to) if w.move_to else None,
+            marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
+        )
+        return self.spool.commit(staged_path, manifest, reservation)
+
+
+class _Source:
+    """The source file as the codec reads it: stops when the agent stops, and hosts a crash point."""
+
+    def __init__(self, f: io.FileIO, cancel: threading.Event) -> None:
+        self._f, self._cancel, self._reads = f, cancel, 0
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._cancel.is_set():
+            raise Cancelled
+        n = self._f.readinto(buf)
+        self._reads += 1
+        if self._reads == 2:
+            crash_point("mid-encrypt")
+        return int(n or 0)
+
+
+def _content_type(w: WatchConfig, path: Path) -> str:
+    return w.content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
