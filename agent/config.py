@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from mediaseal.buffer.manifest import DISPOSE_MODES, DisposeMode
 from mediaseal.codec import KINDS
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ __all__ = [
 GiB = 1 << 30
 MiB = 1 << 20
 COMPLETIONS = ("quiet", "rename", "marker")
-DISPOSALS = ("delete", "keep", "move")
 LOG_FORMATS = ("text", "json")
 SSE_MODES = ("AES256", "aws:kms")
 _SIZE = {"size": True}  # field metadata: accepts "512MiB", "1GB", ... as well as an int
@@ -64,7 +64,7 @@ class WatchConfig:
     completion: str = "quiet"  # quiet | rename | marker
     quiet_seconds: float = 2.0
     marker_suffix: str = ".done"
-    dispose: str = "delete"  # delete | keep | move
+    dispose: DisposeMode = "delete"
     move_to: Path | None = None  # required iff dispose == "move"; may be inside path (the watcher skips it)
     force_polling: bool = False  # network filesystems, where inotify sees nothing
     content_type: str | None = None  # None: guessed from the extension, else application/octet-stream
@@ -266,6 +266,8 @@ def _env_value(text: str, hint: object) -> object:
 def _base_type(hint: object) -> object:
     if isinstance(hint, types.UnionType):
         return next(a for a in hint.__args__ if a is not type(None))
+    if typing.get_origin(hint) is typing.Literal:
+        return str  # a string here; check() names the allowed values
     return hint
 
 
@@ -359,7 +361,7 @@ class _Builder:
             self.rule(f"{at}.quiet_seconds", w.quiet_seconds >= 0, "must be >= 0")
             self.rule(f"{at}.marker_suffix", w.marker_suffix not in ("", ".") and "/" not in w.marker_suffix,
                       "must be a non-empty file-name suffix such as .done")
-            self.choice(f"{at}.dispose", w.dispose, DISPOSALS)
+            self.choice(f"{at}.dispose", w.dispose, DISPOSE_MODES)
             if w.dispose == "move":
                 self.rule(f"{at}.move_to", w.move_to is not None, 'required with dispose = "move"')
             else:

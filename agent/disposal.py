@@ -37,15 +37,7 @@ from mediaseal.plumbing.durable import fsync_dir
 
 log = logging.getLogger("mediaseal.pipeline")
 
-__all__ = ["DISPOSE_MODES", "Disposal", "DisposeMode", "dispose_mode"]
-
-
-def dispose_mode(value: str) -> DisposeMode:
-    """A watch's `dispose` setting as a DisposeMode (the config validated it already)."""
-    for mode in DISPOSE_MODES:
-        if value == mode:
-            return mode
-    raise ValueError(f"unknown dispose mode {value!r} (one of {', '.join(DISPOSE_MODES)})")
+__all__ = ["DISPOSE_MODES", "Disposal", "DisposeMode"]
 
 
 class Disposal:

@@ -38,9 +38,9 @@ from mediaseal import codec
 from mediaseal.agent import metrics
 from mediaseal.agent.config import Config, WatchConfig
 from mediaseal.agent.crash import crash_point
-from mediaseal.agent.disposal import Disposal, dispose_mode
+from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.keysource import PublicKeys
-from mediaseal.agent.watcher import Candidate, FileIdentity
+from mediaseal.agent.watcher import Candidate
 from mediaseal.buffer.manifest import Manifest, SourceIdentity
 from mediaseal.buffer.spool import Reservation, Spool
 from mediaseal.plumbing.durable import DurabilityError
@@ -62,7 +62,7 @@ class Cancelled(Exception):
     """The agent is stopping: unfinished work is abandoned (it is redone from the source later)."""
 
 
-def recording_id(agent_id: str, path: Path, ident: FileIdentity) -> str:
+def recording_id(agent_id: str, path: Path, ident: SourceIdentity) -> str:
     """Stable for one source file (a replay after a crash lands on the same repository key), and
     different for two recordings even under a reused name (the inode and mtime differ)."""
     when = dt.datetime.fromtimestamp(ident.mtime_ns / 1e9, dt.UTC)
@@ -244,8 +244,8 @@ class Intake:
             recording_id=rid, kind=w.kind,
             repo_key=repository_key(w.kind, metadata.captured_at, rid),
             package_size=result.package_size, sha256=None, kid=recipient.kid, source=str(cand.path),
-            identity=SourceIdentity(ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns).to_dict(),
-            dispose=dispose_mode(w.dispose), move_to=str(w.move_to) if w.move_to else None,
+            identity=ident.to_dict(),
+            dispose=w.dispose, move_to=str(w.move_to) if w.move_to else None,
             marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
         )
         return self.spool.commit(staged_path, manifest, reservation)

@@ -8,11 +8,9 @@ or abandon it safely (it is redone from the source next time), and exit 0 within
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from mediaseal.buffer.spool import Spool
 from mediaseal.keys.errors import KeysError
 from mediaseal.keys.keyring import Keyring, passphrase_from
 from mediaseal.plumbing.durable import DurabilityError
+from mediaseal.plumbing.notify import stop_requested
 from mediaseal.uploader import RepositoryError, open_repository
 
 log = logging.getLogger("mediaseal.agent")
@@ -91,10 +90,7 @@ async def serve(config: Config, *, announce: bool = False) -> int:
 
 
 async def _serve(config: Config, service: AgentService, *, announce: bool) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_requested()
     service.watch_stop(stop)
     service.set_phase("loading keys")
     keys = PublicKeys(config.keys, cache=config.buffer.path / "keyset.json")

@@ -43,8 +43,9 @@ from watchfiles import Change, awatch
 
 from mediaseal.agent.config import WatchConfig
 from mediaseal.agent.metrics import RESCANS, UNREADABLE
+from mediaseal.buffer.manifest import SourceIdentity
 
-__all__ = ["Candidate", "FileIdentity", "Watcher", "is_temp_name"]
+__all__ = ["Candidate", "Watcher", "is_temp_name"]
 
 log = logging.getLogger("mediaseal.watcher")
 
@@ -57,27 +58,12 @@ _HINT_RETRY_SECONDS = 5.0  # how soon to try inotify again (missing directory, w
 
 
 @dataclass(frozen=True)
-class FileIdentity:
-    """What must not change between discovery and the end of encryption (else the recording is re-done)."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-@dataclass(frozen=True)
 class Candidate:
     """A complete recording: `identity` is from the lstat that judged it complete."""
 
     path: Path
     watch: WatchConfig
-    identity: FileIdentity
+    identity: SourceIdentity
     marker: Path | None = None  # the sidecar that marked it complete (completion = "marker")
 
 
@@ -400,7 +386,7 @@ class _Scanner:
             if (note.state == "unreadable" and note.due is not None and now < note.due
                     and note.ctime_ns == st.st_ctime_ns):
                 return
-        identity, marker = FileIdentity.of(st), None
+        identity, marker = SourceIdentity.of(st), None
         if watch.completion == "marker":
             marker = path.with_name(name + watch.marker_suffix)
             if not os.path.lexists(marker):
@@ -426,7 +412,7 @@ class _Scanner:
         self.notes.pop(path, None)
         yield Candidate(path, watch, identity, marker)
 
-    def _quiet(self, i: int, path: Path, ident: FileIdentity, now: float) -> bool:
+    def _quiet(self, i: int, path: Path, ident: SourceIdentity, now: float) -> bool:
         """Complete once unchanged since the last look and `quiet_seconds` old; else note when to look again."""
         quiet, note = self.watches[i].quiet_seconds, self.notes.get(path)
         shape = (ident.dev, ident.ino, ident.size, ident.mtime_ns)

@@ -23,9 +23,9 @@ import enum
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, get_args
 
-__all__ = ["DISPOSE_MODES", "STATES", "DisposeMode", "FileStat", "Manifest", "ManifestState", "SourceIdentity"]
+__all__ = ["DISPOSE_MODES", "STATES", "DisposeMode", "Manifest", "ManifestState", "SourceIdentity"]
 
 
 class ManifestState(enum.StrEnum):
@@ -39,19 +39,6 @@ STATES: tuple[ManifestState, ...] = tuple(ManifestState)
 # What happens to the source once its package is committed (a watch's `dispose`).
 DisposeMode = Literal["delete", "keep", "move"]
 DISPOSE_MODES: tuple[DisposeMode, ...] = get_args(DisposeMode)
-
-
-class FileStat(Protocol):
-    """What `SourceIdentity.same_file` reads of another identity (the watcher's `FileIdentity` fits)."""
-
-    @property
-    def dev(self) -> int: ...
-    @property
-    def ino(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def mtime_ns(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -87,7 +74,7 @@ class SourceIdentity:
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
-    def same_file(self, other: FileStat | None) -> bool:
+    def same_file(self, other: SourceIdentity | None) -> bool:
         """The same file with the same content as far as stat can tell (ctime excluded: see above)."""
         return other is not None and (self.dev, self.ino, self.size, self.mtime_ns) == (
             other.dev, other.ino, other.size, other.mtime_ns)

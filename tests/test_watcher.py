@@ -28,7 +28,8 @@ import pytest
 
 from mediaseal.agent.config import WatchConfig
 from mediaseal.agent.metrics import REGISTRY
-from mediaseal.agent.watcher import Candidate, FileIdentity, Watcher, is_temp_name
+from mediaseal.agent.watcher import Candidate, Watcher, is_temp_name
+from mediaseal.buffer.manifest import SourceIdentity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_identity_of_stat(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"12345")
     st = os.lstat(f)
-    assert FileIdentity.of(st) == FileIdentity(st.st_dev, st.st_ino, 5, st.st_mtime_ns, st.st_ctime_ns)
+    assert SourceIdentity.of(st) == SourceIdentity(st.st_dev, st.st_ino, 5, st.st_mtime_ns, st.st_ctime_ns)
 
 
 async def test_rename_mode_picks_renamed_file_and_ignores_temp_names(tmp_path: Path) -> None:
