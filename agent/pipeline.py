@@ -21,7 +21,6 @@ import functools
 import hashlib
 import io
 import logging
-import mimetypes
 import os
 import shutil
 import threading
@@ -33,7 +32,7 @@ from typing import Any
 
 from mediaseal import codec
 from mediaseal.agent import metrics
-from mediaseal.agent.config import Config, WatchConfig
+from mediaseal.agent.config import Config, content_type_for
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.watcher import Candidate, FileIdentity, Watcher
@@ -301,7 +300,7 @@ class Pipeline:
                 raise SourceChangedError
             captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
             metadata = codec.Metadata(
-                recording_id=rid, kind=w.kind, content_type=_content_type(w, cand.path),
+                recording_id=rid, kind=w.kind, content_type=content_type_for(cand.path.name, w.content_type),
                 original_name=display_name(cand.path.name), captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 agent_id=self.config.agent.id[:4096],
             )
@@ -508,10 +507,6 @@ def _same(a: FileIdentity, b: FileIdentity) -> bool:
 
 def _identity_dict(i: FileIdentity) -> dict[str, int]:
     return {"dev": i.dev, "ino": i.ino, "size": i.size, "mtime_ns": i.mtime_ns, "ctime_ns": i.ctime_ns}
-
-
-def _content_type(w: WatchConfig, path: Path) -> str:
-    return w.content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
 def _give_back(grabbed: Path, src: Path) -> None:

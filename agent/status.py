@@ -11,10 +11,8 @@ added. The agent's health listener uses `ManifestCache` to compute the same figu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -143,9 +141,10 @@ def query_agent(config: Config, timeout: float = 2.0) -> dict[str, Any]:
 # -- the command -----------------------------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def status_command(config_path: Path | None, *, as_json: bool = False, ask_agent: bool = True) -> None:
+    """`mediaseal status` (agent/cli/status_cmd.py): prints the report; StatusError if it cannot."""
     try:
-        config = load_config(args.config, os.environ)
+        config = load_config(config_path, os.environ)
     except ConfigError as e:
         raise StatusError(str(e)) from None
     try:
@@ -155,9 +154,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     except PermissionError as e:
         raise StatusError(f"cannot read the spool {config.buffer.path}: {e.strerror} (run as the agent's user, "
                           "e.g. sudo -u mediaseal mediaseal status)") from None
-    agent = query_agent(config) if not args.no_agent else {"running": None, "note": "not asked (--no-agent)"}
+    agent = query_agent(config) if ask_agent else {"running": None, "note": "not asked (--no-agent)"}
     doc = {**asdict(report), "agent": agent}
-    if args.json:
+    if as_json:
         print(json.dumps(doc, indent=2, sort_keys=False))
         return
     print(render(report, agent))
@@ -218,21 +217,3 @@ def _age(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sp = sub.add_parser("status", help="show the spool's state from its manifests (no keys needed)",
-                        description="Show the spool's state: packages per state, the oldest undelivered "
-                                    "one, the last errors; and the running agent's view if it answers.")
-    sp.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: the embedded default)")
-    sp.add_argument("--json", action="store_true", help="one JSON document")
-    sp.add_argument("--no-agent", action="store_true", help="read the manifests only; don't ask the agent")
-    sp.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> None:
-    try:
-        cmd_status(args)
-    except StatusError as e:
-        print(f"mediaseal: error: {e}", file=sys.stderr)
-        sys.exit(1)
