@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,10 @@ def query_agent(config: Config, timeout: float = 2.0) -> dict[str, Any]:
 # -- the command -----------------------------------------------------------------------------------
 
 
-def status_command(config_path: Path | None, *, as_json: bool = False, ask_agent: bool = True) -> None:
-    """`mediaseal status` (agent/cli/status_cmd.py): prints the report; StatusError if it cannot."""
+def status_command(config_path: Path | None, *, as_json: bool = False, ask_agent: bool = True,
+                   command: Sequence[str] = ("mediaseal", "status")) -> None:
+    """`mediaseal status` (agent/cli/status_cmd.py): prints the report; StatusError if it cannot.
+    `command`: how the user ran it, for a hint that runs as pasted."""
     try:
         config = load_config(config_path, os.environ)
     except ConfigError as e:
@@ -153,7 +156,7 @@ def status_command(config_path: Path | None, *, as_json: bool = False, ask_agent
         raise StatusError(str(e)) from None
     except PermissionError as e:
         raise StatusError(f"cannot read the spool {config.buffer.path}: {e.strerror} (run as the agent's user, "
-                          "e.g. sudo -u mediaseal mediaseal status)") from None
+                          f"e.g. sudo -u mediaseal {shlex.join(command)})") from None
     agent = query_agent(config) if ask_agent else {"running": None, "note": "not asked (--no-agent)"}
     doc = {**asdict(report), "agent": agent}
     if as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mediaseal.agent.cli._common import program
 from mediaseal.agent.cli._options import SubParsers, command, json_option
 
 
@@ -23,4 +24,5 @@ def register(sub: SubParsers) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from mediaseal.agent.status import status_command
 
-    status_command(args.config, as_json=args.json, ask_agent=not args.no_agent)
+    status_command(args.config, as_json=args.json, ask_agent=not args.no_agent,
+                   command=[*program(), *args.command_line])
