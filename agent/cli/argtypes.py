@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
-from mediaseal.agent.config import parse_size
-
 HostPort = tuple[str, int]
 
 
@@ -47,6 +45,8 @@ def seconds(text: str) -> float:
 
 def size(text: str) -> int:
     """Bytes: `65536`, `64MiB`, `1GiB`, `1GB` (the config file's syntax)."""
+    from mediaseal.agent.config import parse_size  # here: the config module is large, and --help needs none of it
+
     try:
         value = parse_size(text)
     except ValueError as e:

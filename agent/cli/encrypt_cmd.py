@@ -16,7 +16,6 @@ from mediaseal import codec
 from mediaseal.agent.cli import argtypes
 from mediaseal.agent.cli._common import CommandError, open_in, open_out, read_file, refuse_existing
 from mediaseal.agent.cli._options import SubParsers, command, output_options
-from mediaseal.agent.config import content_type_for
 from mediaseal.keys import keyring as kr
 from mediaseal.keys import keyset as ks
 
@@ -60,6 +59,8 @@ def recipient(args: argparse.Namespace) -> codec.Recipient:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> None:
+    from mediaseal.agent.config import content_type_for
+
     refuse_existing(args.output, args.force)
     to = recipient(args)
     name = "" if args.input == "-" else Path(args.input).name
