@@ -45,8 +45,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "%(default)" in text or default is argparse.SUPPRESS or default in (None, False, "", [], ()):
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            shown = f"{default[0]}:{default[1]}" if isinstance(default, tuple) else "%(default)s"
-            text += f" (default: {shown})"
+            text += " (default: %(default)s)"  # a string default shows as typed (argparse converts it later)
         return text
 
 
