@@ -19,16 +19,16 @@ It makes a throwaway keyring (random passphrase, never stored: only the public k
 own temporary directory under DIR and removes everything it wrote, except packages delivered to a
 `--repository` other than file:// (their keys are listed). Other processes' CPU during each
 measurement is reported ("other load", in cores): on a busy host the ratios understate the agent.
+The load meter, the copy baseline, the ratios and the machine facts are agent/measure.py's, shared with
+benchmarks/; the command's parser and table are agent/cli/bench_cmd.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import os
-import platform
 import queue
 import secrets
 import shutil
@@ -46,13 +46,12 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from mediaseal import codec
-from mediaseal.agent import argtypes
+from mediaseal.agent.measure import LoadMeter, machine_info, paired_ratio, plain_copy, speed_ratio, timed
 from mediaseal.buffer.spool import StagingFile
 
 KiB = 1 << 10
 MiB = 1 << 20
 SMALL_SIZE = 64 * KiB
-BLOCK = MiB  # the copy baseline's block, and the codec's default chunk
 JSON_VERSION = 1
 
 
@@ -85,6 +84,12 @@ class Result:
     baseline_s: list[float] = field(default_factory=list)
     other_load_cores: float = 0.0
 
+    def add(self, round_: int, warmup: int, baseline_s: float, measured_s: float) -> None:
+        """One round's pair of times; warm-up rounds (round_ < warmup) are dropped."""
+        if round_ >= warmup:
+            self.baseline_s.append(baseline_s)
+            self.measured_s.append(measured_s)
+
     @property
     def mb_per_s(self) -> float:
         return self.nbytes / statistics.median(self.measured_s) / 1e6
@@ -96,11 +101,11 @@ class Result:
     @property
     def ratio(self) -> float:
         """Median baseline time / median measured time (> 1: faster than the copy)."""
-        return statistics.median(self.baseline_s) / statistics.median(self.measured_s)
+        return speed_ratio(self.baseline_s, self.measured_s)
 
     @property
     def paired_ratio(self) -> float:
-        return statistics.median(b / m for b, m in zip(self.baseline_s, self.measured_s, strict=True))
+        return paired_ratio(self.baseline_s, self.measured_s)
 
     @property
     def recordings_per_s(self) -> float:
@@ -146,30 +151,6 @@ class Report:
 # -- measuring -------------------------------------------------------------------------------------
 
 
-class LoadMeter:
-    """CPU used by other processes since it was made, in cores (/proc/stat minus our own and our children's)."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        busy = 0.0
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(x) for x in f.readline().split()[1:]]
-            busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            pass
-        t = os.times()
-        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
-
-    def other_cores(self, agent_cpu_s: float = 0.0) -> float:
-        t1, busy1, own1 = self._sample()
-        t0, busy0, own0 = self._start
-        return max(0.0, (busy1 - busy0) - (own1 - own0) - agent_cpu_s) / max(t1 - t0, 1e-9)
-
-
 def write_source(path: Path, size: int) -> None:
     """`size` incompressible bytes, written 1 MiB at a time (a recording that has just been finished)."""
     with open(path, "wb") as f:
@@ -178,27 +159,6 @@ def write_source(path: Path, size: int) -> None:
             n = min(left, MiB)
             f.write(os.urandom(n))
             left -= n
-
-
-def plain_copy(src: Path, dst: Path, *, fsync: bool) -> int:
-    """The baseline: `readinto` a 1 MiB block, `write` it, to a fresh unbuffered file."""
-    buf = memoryview(bytearray(BLOCK))
-    total = 0
-    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
-        while n := f.readinto(buf):
-            view = buf[:n]
-            while view:
-                view = view[g.write(view) or 0 :]
-            total += n
-        if fsync:
-            os.fsync(g.fileno())
-    return total
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _unlink(path: Path) -> None:
@@ -226,21 +186,18 @@ def measure_spool(work: Path, recipient: codec.Recipient, opts: BenchOptions) ->
                     os.fsync(g.fileno())
 
         try:
-            return _timed(run)
+            return timed(run)
         finally:
             _unlink(sealed)
 
     meter = LoadMeter()
     try:
         for i in range(opts.warmup + opts.rounds):
-            base = _timed(lambda: plain_copy(source, copy_out, fsync=opts.fsync))
+            base = timed(lambda: plain_copy(source, copy_out, fsync=opts.fsync))
             _unlink(copy_out)
             d, nd = seal(True), seal(False)
-            if i >= opts.warmup:
-                with_digest.baseline_s.append(base)
-                with_digest.measured_s.append(d)
-                no_digest.baseline_s.append(base)
-                no_digest.measured_s.append(nd)
+            with_digest.add(i, opts.warmup, base, d)
+            no_digest.add(i, opts.warmup, base, nd)
     finally:
         _unlink(source)
         _unlink(copy_out)
@@ -410,7 +367,7 @@ def _e2e_large(work: Path, capture: Path, agent: AgentProcess, delivered: _Deliv
     try:
         for i in range(opts.warmup + opts.rounds):
             shutil.copyfile(source, staged)  # untimed: the producer writing its recording
-            base = _timed(lambda: plain_copy(staged, copy_out, fsync=True))
+            base = timed(lambda: plain_copy(staged, copy_out, fsync=True))
             _unlink(copy_out)
             name = f"bench-{i}-{secrets.token_hex(4)}.bin"
             t0 = time.perf_counter()
@@ -418,9 +375,7 @@ def _e2e_large(work: Path, capture: Path, agent: AgentProcess, delivered: _Deliv
             events = agent.wait_for("delivered", opts.timeout, where=_named(name))
             took = time.perf_counter() - t0
             delivered.remove(events)
-            if i >= opts.warmup:
-                result.baseline_s.append(base)
-                result.measured_s.append(took)
+            result.add(i, opts.warmup, base, took)
     finally:
         _unlink(source)
         _unlink(copy_out)
@@ -442,7 +397,7 @@ def _e2e_small(work: Path, capture: Path, agent: AgentProcess, delivered: _Deliv
             for p in staged:  # untimed: the producer
                 p.write_bytes(payload)
             copies.mkdir(exist_ok=True)
-            base = _timed(functools.partial(_copy_each, staged, copies))
+            base = timed(functools.partial(_copy_each, staged, copies))
             shutil.rmtree(copies)
             tag = f"bench-{i}-{secrets.token_hex(4)}-"
             t0 = time.perf_counter()
@@ -451,42 +406,13 @@ def _e2e_small(work: Path, capture: Path, agent: AgentProcess, delivered: _Deliv
             events = agent.wait_for("delivered", opts.timeout, count=n, where=_tagged(tag))
             took = time.perf_counter() - t0
             delivered.remove(events)
-            if i >= opts.warmup:
-                result.baseline_s.append(base)
-                result.measured_s.append(took)
+            result.add(i, opts.warmup, base, took)
     finally:
         shutil.rmtree(copies, ignore_errors=True)
         for p in capture.glob(".small-*.part"):
             _unlink(p)
     result.other_load_cores = meter.other_cores(agent.cpu_seconds() - agent_cpu0)
     return result
-
-
-def machine_info(path: Path) -> dict[str, str]:
-    import cryptography
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    fs = "unknown"
-    with contextlib.suppress(OSError, ValueError):
-        real, best = os.path.realpath(path), ""
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mnt, fstype, mopts = line.split()[:4]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, fs = mnt, f"{fstype} on {dev} at {mnt} ({mopts})"
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "nproc": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "cryptography": cryptography.__version__,
-        "dir": str(path),
-        "filesystem": fs,
-    }
 
 
 @contextlib.contextmanager
@@ -536,85 +462,3 @@ def _fmt_size(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size} {unit}"
     return f"{n} B"
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sp = sub.add_parser(
-        "bench", help="measure file-to-spool and end-to-end throughput on this host's disks vs a plain copy",
-        description="Measure, on this host's own disks, sealing a file into the spool and the agent end to end"
-                    " (drop -> delivered), each against a plain copy of the same bytes measured in the same run"
-                    " (interleaved rounds, medians). Writes only in a temporary directory under --dir.")
-    sp.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), metavar="DIR",
-                    help="the filesystem to measure (e.g. the spool's); default: the system temp dir")
-    sp.add_argument("--size", type=argtypes.size, default=64 * MiB, metavar="SIZE",
-                    help="size of the large recording (default 64MiB; keep to 64-256MiB on throttled VMs)")
-    sp.add_argument("--rounds", type=argtypes.positive, default=5, metavar="N", help="measured rounds (default 5)")
-    sp.add_argument("--warmup", type=argtypes.count, default=1, metavar="N", help="warm-up rounds, dropped (default 1)")
-    sp.add_argument("--small-count", type=argtypes.count, default=200, metavar="N",
-                    help="64 KiB recordings per small-file round (default 200; 0 skips the small-file rate)")
-    sp.add_argument("--repository", metavar="URL",
-                    help="deliver to this repository (file:///dir or s3://bucket/prefix) instead of a"
-                         " temporary file:// one; packages left in an s3:// repository are listed")
-    sp.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for --repository (default: the AWS chain)")
-    sp.add_argument("--fsync", action="store_true",
-                    help="include fsync in both sides of the file-to-spool figures (end to end always has it)")
-    sp.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                    help="seconds to wait for the agent at any one step (default 600)")
-    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    sp.set_defaults(func=cmd_bench)
-
-
-def options_from(args: argparse.Namespace) -> BenchOptions:
-    if args.repository is not None and urlparse(args.repository).scheme not in ("file", "s3"):
-        raise BenchError(f"--repository {args.repository!r}: use file:///dir or s3://bucket/prefix")
-    return BenchOptions(dir=args.dir.resolve(), size=args.size, rounds=args.rounds, warmup=args.warmup,
-                        repository=args.repository, endpoint_url=args.endpoint_url, small_count=args.small_count,
-                        fsync=args.fsync, timeout=args.timeout)
-
-
-def cmd_bench(args: argparse.Namespace) -> None:
-    try:
-        opts = options_from(args)
-        progress = None if args.json else (lambda msg: print(f"mediaseal bench: {msg}", file=sys.stderr, flush=True))
-        report = run_bench(opts, progress)
-    except BenchError as e:
-        print(f"mediaseal: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print_table(report)
-
-
-def print_table(report: Report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    m, o = report.machine, report.options
-    fs = m["filesystem"].split(" (", 1)[0]
-    table = Table(title=f"mediaseal bench: {m['dir']} ({fs})", title_justify="left")
-    for name, justify in (("measurement", "left"), ("MB/s", "right"), ("recordings/s", "right"),
-                          ("baseline (same run)", "left"), ("MB/s", "right"), ("ratio", "right"),
-                          ("other load", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in report.results.values():
-        table.add_row(r.name, f"{r.mb_per_s:,.0f}", f"{r.recordings_per_s:,.1f}", r.baseline_name,
-                      f"{r.baseline_mb_per_s:,.0f}", f"{r.ratio:.2f}x", f"{r.other_load_cores:.2f} cores")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)
-    console.print(table)
-    console.print(f"{m['cpu']}, {m['nproc']} cores; Python {m['python']}, cryptography {m['cryptography']}."
-                  f" Medians of {o.rounds} round(s) after {o.warmup} warm-up, interleaved with the baseline;"
-                  f" ratio = baseline time / measured time; MB = 10^6 bytes; fsync"
-                  f" {'in both sides' if o.fsync else 'in neither side'} of file -> spool, in both end to end.",
-                  highlight=False)
-    busy = max((r.other_load_cores for r in report.results.values()), default=0.0)
-    if busy > 0.2:
-        console.print(f"Other processes used up to {busy:.2f} cores meanwhile: the agent's two-thread paths"
-                      " lose more to them than a copy does, so these ratios understate it. Run again when"
-                      " the host is quiet.", highlight=False)
-    if report.left_in_repository:
-        console.print(f"{len(report.left_in_repository)} benchmark package(s) left in {o.repository}"
-                      " (agent id mediaseal-bench): remove them if unwanted; --json lists their keys.",
-                      highlight=False)

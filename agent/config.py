@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import mimetypes
 import os
 import re
 import socket
@@ -145,6 +146,12 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
 def embedded_default(base: Path) -> Config:
     """The no-config layout under `base` (absolute): capture/, buffer/, repository/, keyring/."""
     return _Builder(base, {}).config(_embedded_raw(base))
+
+
+def content_type_for(name: str, configured: str | None = None) -> str:
+    """The media type a recording is sealed with: `[[watch]] content_type` if set, else guessed from the file
+    name's extension, else application/octet-stream. The agent and `mediaseal encrypt` both ask this."""
+    return configured or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def parse_size(value: int | str) -> int:

@@ -25,7 +25,6 @@ import errno
 import hashlib
 import io
 import logging
-import mimetypes
 import os
 import threading
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 from mediaseal import codec
 from mediaseal.agent import metrics
-from mediaseal.agent.config import Config, WatchConfig
+from mediaseal.agent.config import Config, content_type_for
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.keysource import PublicKeys
@@ -221,7 +220,7 @@ class Intake:
                 raise SourceChangedError
             captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
             metadata = codec.Metadata(
-                recording_id=rid, kind=w.kind, content_type=_content_type(w, cand.path),
+                recording_id=rid, kind=w.kind, content_type=content_type_for(cand.path.name, w.content_type),
                 original_name=display_name(cand.path.name), captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 agent_id=self.config.agent.id[:4096],
             )
@@ -265,7 +264,3 @@ class _Source:
         if self._reads == 2:
             crash_point("mid-encrypt")
         return int(n or 0)
-
-
-def _content_type(w: WatchConfig, path: Path) -> str:
-    return w.content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -11,14 +11,13 @@ added. The agent's health listener uses `ManifestCache` to compute the same figu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+import shlex
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,9 +142,12 @@ def query_agent(config: Config, timeout: float = 2.0) -> dict[str, Any]:
 # -- the command -----------------------------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def status_command(config_path: Path | None, *, as_json: bool = False, ask_agent: bool = True,
+                   command: Sequence[str] = ("mediaseal", "status")) -> None:
+    """`mediaseal status` (agent/cli/status_cmd.py): prints the report; StatusError if it cannot.
+    `command`: how the user ran it, for a hint that runs as pasted."""
     try:
-        config = load_config(args.config, os.environ)
+        config = load_config(config_path, os.environ)
     except ConfigError as e:
         raise StatusError(str(e)) from None
     try:
@@ -154,10 +156,10 @@ def cmd_status(args: argparse.Namespace) -> None:
         raise StatusError(str(e)) from None
     except PermissionError as e:
         raise StatusError(f"cannot read the spool {config.buffer.path}: {e.strerror} (run as the agent's user, "
-                          "e.g. sudo -u mediaseal mediaseal status)") from None
-    agent = query_agent(config) if not args.no_agent else {"running": None, "note": "not asked (--no-agent)"}
+                          f"e.g. sudo -u mediaseal {shlex.join(command)})") from None
+    agent = query_agent(config) if ask_agent else {"running": None, "note": "not asked (--no-agent)"}
     doc = {**asdict(report), "agent": agent}
-    if args.json:
+    if as_json:
         print(json.dumps(doc, indent=2, sort_keys=False))
         return
     print(render(report, agent))
@@ -218,21 +220,3 @@ def _age(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sp = sub.add_parser("status", help="show the spool's state from its manifests (no keys needed)",
-                        description="Show the spool's state: packages per state, the oldest undelivered "
-                                    "one, the last errors; and the running agent's view if it answers.")
-    sp.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: the embedded default)")
-    sp.add_argument("--json", action="store_true", help="one JSON document")
-    sp.add_argument("--no-agent", action="store_true", help="read the manifests only; don't ask the agent")
-    sp.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> None:
-    try:
-        cmd_status(args)
-    except StatusError as e:
-        print(f"mediaseal: error: {e}", file=sys.stderr)
-        sys.exit(1)

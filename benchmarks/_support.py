@@ -1,6 +1,8 @@
 """Shared machinery for the benchmarks: interleaved baseline/measured rounds, ratios, reporting.
 
-Every figure is a ratio against a baseline measured in the same run, interleaved round by round
+The load meter, the copy baseline, the ratios and the machine facts are the installed package's
+(mediaseal.agent.measure, shared with `mediaseal bench`). Every figure is a ratio against a baseline
+measured in the same run, interleaved round by round
 (baseline, measured, baseline, measured, ...), from medians. Nothing here asserts a wall-clock
 threshold; a ratio is asserted only with MEDIASEAL_BENCH_STRICT=1.
 """
@@ -18,6 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mediaseal import codec
+from mediaseal.agent import measure
+from mediaseal.agent.measure import LoadMeter, paired_ratio, speed_ratio
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -37,36 +41,6 @@ LOADED = 0.2
 
 # Every printed line, in order, for the terminal summary (conftest prints them at the end).
 REPORT: list[str] = []
-
-
-class LoadMeter:
-    """CPU used by *other* processes while a benchmark ran, in cores (from /proc/stat minus our own CPU time).
-
-    On a 2-core VM shared with other work, one busy neighbour takes away the second core that the
-    overlapped (two-thread) paths need while a one-thread baseline hardly notices: ratios measured under
-    load understate the codec. Every report line carries this figure so that such runs can be told apart.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        busy = 0.0
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-            # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
-            busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            pass
-        t = os.times()
-        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
-
-    def other_cores(self) -> float:
-        t1, busy1, own1 = self._sample()
-        t0, busy0, own0 = self._start
-        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
 
 
 def wait_for_quiet(max_wait: float = QUIET_WAIT, threshold: float = 0.15) -> float:
@@ -100,12 +74,12 @@ class Paired:
     @property
     def speed_ratio(self) -> float:
         """Measured speed over baseline speed, from the medians (>1: measured is faster)."""
-        return self.baseline_median / self.measured_median
+        return speed_ratio(self.baseline, self.measured)
 
     @property
     def paired_ratio(self) -> float:
         """Median of per-round ratios (baseline_i / measured_i): robust to slow drift over the run."""
-        return statistics.median(b / m for b, m in zip(self.baseline, self.measured, strict=True))
+        return paired_ratio(self.baseline, self.measured)
 
 
 def interleave(
@@ -193,36 +167,10 @@ def report_throughput(
     target: float | None = None,
 ) -> float:
     """Print `name: X GB/s vs baseline Y GB/s = R x (target >= T x)` and record it in extra_info."""
-    ratio = paired.speed_ratio
     meas, base = gbps(nbytes, paired.measured_median), gbps(nbytes, paired.baseline_median)
-    verdict = ""
-    if target is not None:
-        verdict = f" (target >= {target}x: {'met' if ratio >= target else 'NOT MET'})"
-    line = (
-        f"{name}: {meas:.2f} GB/s vs {baseline_name} {base:.2f} GB/s = {ratio:.2f}x"
-        f" [paired {paired.paired_ratio:.2f}x, {len(paired.measured)} rounds,"
-        f" other load {paired.other_load:.2f} cores{_attempt(paired)}]{verdict}"
-    )
-    _emit(line)
-    benchmark.extra_info.update(
-        name=name,
-        ratio=round(ratio, 4),
-        paired_ratio=round(paired.paired_ratio, 4),
-        measured_gbps=round(meas, 4),
-        baseline_gbps=round(base, 4),
-        baseline=baseline_name,
-        target=target,
-        bytes=nbytes,
-        rounds=len(paired.measured),
-        fsync_included=FSYNC,
-        other_load_cores=round(paired.other_load, 3),
-        attempt=paired.attempt,
-        baseline_s=[round(x, 6) for x in paired.baseline],
-        measured_s=[round(x, 6) for x in paired.measured],
-    )
-    if STRICT and target is not None:
-        assert ratio >= target, line
-    return ratio
+    figures = f"{meas:.2f} GB/s vs {baseline_name} {base:.2f} GB/s"
+    return _report(benchmark, name, paired, figures, f"{len(paired.measured)} rounds", baseline_name, target,
+                   measured_gbps=round(meas, 4), baseline_gbps=round(base, 4), bytes=nbytes, fsync_included=FSYNC)
 
 
 def report_latency(
@@ -234,15 +182,23 @@ def report_latency(
     target: float | None = None,
 ) -> float:
     """Print `name: X us/op vs baseline Y us/op = R x` (R = baseline time / measured time)."""
-    ratio = paired.speed_ratio
     meas = paired.measured_median / per_round * 1e6
     base = paired.baseline_median / per_round * 1e6
+    figures = f"{meas:.1f} us/op vs {baseline_name} {base:.1f} us/op"
+    return _report(benchmark, name, paired, figures, f"{len(paired.measured)} rounds x {per_round}", baseline_name,
+                   target, measured_us_per_op=round(meas, 3), baseline_us_per_op=round(base, 3),
+                   ops_per_round=per_round)
+
+
+def _report(benchmark: Any, name: str, paired: Paired, figures: str, rounds: str, baseline_name: str,
+            target: float | None, **extra: Any) -> float:
+    """The report line and extra_info shared by every figure; asserts the target with MEDIASEAL_BENCH_STRICT=1."""
+    ratio = paired.speed_ratio
     verdict = ""
     if target is not None:
         verdict = f" (target >= {target}x: {'met' if ratio >= target else 'NOT MET'})"
     line = (
-        f"{name}: {meas:.1f} us/op vs {baseline_name} {base:.1f} us/op = {ratio:.2f}x"
-        f" [paired {paired.paired_ratio:.2f}x, {len(paired.measured)} rounds x {per_round},"
+        f"{name}: {figures} = {ratio:.2f}x [paired {paired.paired_ratio:.2f}x, {rounds},"
         f" other load {paired.other_load:.2f} cores{_attempt(paired)}]{verdict}"
     )
     _emit(line)
@@ -250,16 +206,14 @@ def report_latency(
         name=name,
         ratio=round(ratio, 4),
         paired_ratio=round(paired.paired_ratio, 4),
-        measured_us_per_op=round(meas, 3),
-        baseline_us_per_op=round(base, 3),
         baseline=baseline_name,
         target=target,
         rounds=len(paired.measured),
-        ops_per_round=per_round,
         other_load_cores=round(paired.other_load, 3),
         attempt=paired.attempt,
         baseline_s=[round(x, 6) for x in paired.baseline],
         measured_s=[round(x, 6) for x in paired.measured],
+        **extra,
     )
     if STRICT and target is not None:
         assert ratio >= target, line
@@ -384,64 +338,11 @@ class FreshPackage:
 
 
 def plain_copy(src_path: str, dst_path: str, block: int = MiB) -> int:
-    """The file baseline: `readinto` a preallocated block, `write` it, to a fresh file (unbuffered, as the
-    measured side's files are). fsync only with MEDIASEAL_BENCH_FSYNC=1, as on the measured side."""
-    buf = memoryview(bytearray(block))
-    total = 0
-    with open(src_path, "rb", buffering=0) as src, open(dst_path, "wb", buffering=0) as dst:
-        while n := src.readinto(buf):
-            view = buf[:n]
-            while view:
-                w = dst.write(view)
-                view = view[w:]
-            total += n
-        if FSYNC:
-            os.fsync(dst.fileno())
-    return total
+    """The file baseline (agent.measure.plain_copy), fsynced only with MEDIASEAL_BENCH_FSYNC=1, as the
+    measured side's files are."""
+    return measure.plain_copy(src_path, dst_path, fsync=FSYNC, block=block)
 
 
 def machine_info(path: str) -> dict[str, str]:
-    """What the figures were measured on: CPU, cores, Python, cryptography, and the temp dir's filesystem."""
-    import platform
-
-    import cryptography
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    fs = "unknown"
-    try:
-        real = os.path.realpath(path)
-        best = ""
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype, opts = line.split()[:4]
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fs = mnt, f"{fstype} on {dev} (mounted at {mnt}, {opts})"
-    except OSError:
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "cryptography": cryptography.__version__,
-        "openssl": _openssl_version(),
-        "temp_dir": path,
-        "filesystem": fs,
-        "fsync_included": str(FSYNC),
-    }
-
-
-def _openssl_version() -> str:
-    try:
-        from cryptography.hazmat.backends.openssl.backend import backend
-
-        return str(backend.openssl_version_text())
-    except Exception:
-        return "unknown"
+    """What the figures were measured on (agent.measure.machine_info), and whether fsync was included."""
+    return {**measure.machine_info(path), "temp_dir": path, "fsync_included": str(FSYNC)}

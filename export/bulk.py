@@ -153,35 +153,34 @@ class LogProgress:
 
 
 class RichProgress:
-    """A progress bar on a terminal: recordings, bytes, throughput, ETA."""
+    """A progress bar on a terminal: one bar over the package bytes (bytes shown as bytes, with throughput
+    and ETA) and the recordings done beside it, counted as recordings."""
 
     def __init__(self, console: Any = None) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
         from rich.progress import Progress as RichBar
 
-        self._bar = RichBar(TextColumn("[bold]export"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True))
-        self._recs: Any = None
-        self._bytes: Any = None
+        self._bar = RichBar(TextColumn("[bold]export"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TextColumn("{task.fields[recordings]}"), TimeRemainingColumn(),
+                            console=console or Console(stderr=True))
+        self._task: Any = None
+        self._total = self._done = 0
+
+    def _recordings(self) -> str:
+        return f"{self._done}/{self._total} recordings"
 
     def start(self, total: int, total_bytes: int) -> None:
+        self._total = total
         self._bar.start()
-        self._recs = self._bar.add_task("recordings", total=total)
-        self._bytes = self._bar.add_task("bytes", total=total_bytes, visible=False)
+        self._task = self._bar.add_task("export", total=total_bytes, recordings=self._recordings())
 
     def advance(self, nbytes: int) -> None:
-        self._bar.advance(self._bytes, nbytes)
+        self._bar.advance(self._task, nbytes)
 
     def done(self, key: str, outcome: str, detail: str) -> None:
-        self._bar.advance(self._recs, 1)
+        self._done += 1
+        self._bar.update(self._task, recordings=self._recordings())
         if outcome == "failed":
             self._bar.console.print(f"export: failed {key}: {detail}")
 

@@ -23,8 +23,6 @@ Envelope on disk: {"kdf": "aws-kms", "key_id": <key ARN>, "ct": b64url(Ciphertex
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -180,6 +178,9 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     no loop in this thread the coroutine runs on a fresh one here; inside a running loop it runs on a
     fresh loop in a worker thread (blocking the caller, as any synchronous key operation does).
     """
+    import asyncio  # here, not at the top: opening a keyring (`mediaseal encrypt`) must not load asyncio
+    import concurrent.futures
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -245,8 +245,8 @@ async def retire_key(keyring: Keyring, kid: str, url: str, *, force: bool = Fals
     usage = await key_usage(keyring, kid, url, endpoint_url=endpoint_url)
     if usage.needed_by and not force:
         raise KeyInUseError(
-            f"key {kid} is still needed by {len(usage.needed_by)} package(s) in {url} (e.g. {usage.needed_by[0]});"
-            f" run 'mediaseal keys rewrap --repository {url} --from {kid}' first, or use --force")
+            f"key {kid} is still needed by {len(usage.needed_by)} package(s) in {url} (e.g. {usage.needed_by[0]}):"
+            " re-wrap them first, or force")  # the command line adds the exact command (agent/cli/keys_cmd.py)
     keyring.set_state(kid, RETIRED)
     forced = f"; FORCED: {len(usage.needed_by)} package(s) can no longer be decrypted with this keyring" \
         if usage.needed_by else ""

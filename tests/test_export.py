@@ -100,7 +100,7 @@ def passphrase_env(monkeypatch):
 
 
 def _export(url: str, world, dest: str, *extra: str, source: str | None = None) -> int:
-    return cli.main(["export", "--source", f"s3://{source or world['source']}/site-a", "--dest", dest,
+    return cli.main(["export", "--repository", f"s3://{source or world['source']}/site-a", "--dest", dest,
                      "--keyring", str(world["ring"]), "--endpoint-url", url, *extra])
 
 
@@ -207,7 +207,7 @@ def test_killed_export_resumes_without_duplicates(moto_server, world, fault_prox
     dest = s3_support.make_bucket(url)
     fault_proxy.delay(0.25, when=lambda r: r.op == "PutObject")  # slow enough to be killed midway
     env = {**os.environ, "MEDIASEAL_KEYRING_PASSPHRASE": PASSPHRASE.decode(), "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "mediaseal.agent.cli", "export", "--source", f"s3://{world['source']}/site-a",
+    argv = [sys.executable, "-m", "mediaseal.agent.cli", "export", "--repository", f"s3://{world['source']}/site-a",
             "--dest", f"s3://{dest}/case-3", "--keyring", str(world["ring"]), "--sse", "AES256",
             "--concurrency", "1"]
     proc = subprocess.Popen([*argv, "--endpoint-url", fault_proxy.url], env=env, stderr=subprocess.PIPE,
@@ -335,7 +335,7 @@ def test_lkm_unwraps_in_batches(moto_server, world, tmp_path, capsys):
     url = moto_server.url
     dest = s3_support.make_bucket(url)
     with ls.LKMServer(ls.config(tmp_path / "srv", world["ring"], pki, clients, passphrase=PASSPHRASE)) as srv:
-        rc = cli.main(["export", "--source", f"s3://{world['source']}/site-a", "--dest", f"s3://{dest}/lkm",
+        rc = cli.main(["export", "--repository", f"s3://{world['source']}/site-a", "--dest", f"s3://{dest}/lkm",
                        "--lkm", srv.url, "--lkm-credentials", str(cred), "--lkm-ca", str(pki.ca),
                        "--endpoint-url", url])
         assert rc == 0, capsys.readouterr().err

@@ -117,7 +117,7 @@ def test_lkm_sigkilled_mid_export(tmp_path: Path, lkm_world: LKMWorld, moto_serv
     recover, drain = [], []
     for it in range(iterations):
         dest = s3_support.make_bucket(url)
-        argv = ["export", "--source", f"s3://{source}/site", "--dest", f"s3://{dest}/case",
+        argv = ["export", "--repository", f"s3://{source}/site", "--dest", f"s3://{dest}/case",
                 *lkm_world.client_args(lkm.url), "--endpoint-url", url]
         failing = Command([*argv, "--concurrency", "1"], env, work)
         failing.wait_line(EXPORTED)
@@ -176,7 +176,7 @@ def test_lkm_down_when_export_starts(tmp_path: Path, lkm_world: LKMWorld, moto_s
     recover, drain = [], []
     for _ in range(iterations):
         dest = s3_support.make_bucket(url)
-        argv = ["export", "--source", f"file://{repo}", "--dest", f"s3://{dest}/case",
+        argv = ["export", "--repository", f"file://{repo}", "--dest", f"s3://{dest}/case",
                 *lkm_world.client_args(lkm.url), "--endpoint-url", url]
         failing = Command(argv, env, work)
         line = one_error_line(failing, failing.finish())
@@ -310,7 +310,7 @@ def test_kms_key_disabled_export(tmp_path: Path, moto_server: Any, fault_proxy: 
     recover, drain = [], []
     for _ in range(iterations):
         dest = s3_support.make_bucket(url)
-        argv = ["export", "--source", f"file://{repo}", "--dest", f"s3://{dest}/case", "--keyring", str(ring),
+        argv = ["export", "--repository", f"file://{repo}", "--dest", f"s3://{dest}/case", "--keyring", str(ring),
                 "--endpoint-url", fault_proxy.url]
         if when == "before":
             kms.disable_key(KeyId=key_id)

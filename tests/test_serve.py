@@ -296,11 +296,12 @@ def test_cli_serve_end_to_end(tmp_path: Path, media: bytes) -> None:
                         "--content-type", "audio/ogg"], env=env, capture_output=True)
     assert r.returncode == 0, r.stderr
 
-    r = subprocess.run([*cli, "serve", f"file://{repo}", "--audit-log", tmp_path / "a", "--keyring", ring],
-                       env=env, capture_output=True, timeout=30)
+    r = subprocess.run([*cli, "serve", "--repository", f"file://{repo}", "--audit-log", tmp_path / "a",
+                        "--keyring", ring], env=env, capture_output=True, timeout=30)
     assert r.returncode == 1 and b"without authentication" in r.stderr and r.stderr.count(b"\n") == 1
-    r = subprocess.run([*cli, "serve", f"file://{repo}", "--audit-log", tmp_path / "a", "--host", "0.0.0.0",
-                        "--tokens", tokens_file(tmp_path), "--keyring", ring], env=env, capture_output=True, timeout=30)
+    r = subprocess.run([*cli, "serve", "--repository", f"file://{repo}", "--audit-log", tmp_path / "a",
+                        "--listen", "0.0.0.0:8750", "--tokens", tokens_file(tmp_path), "--keyring", ring],
+                       env=env, capture_output=True, timeout=30)
     assert r.returncode == 1 and b"without TLS" in r.stderr
 
     import socket
@@ -308,8 +309,8 @@ def test_cli_serve_end_to_end(tmp_path: Path, media: bytes) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([*cli, "serve", f"file://{repo}", "--audit-log", tmp_path / "audit.jsonl",
-                             "--tokens", tokens_file(tmp_path), "--keyring", ring, "--port", str(port)],
+    proc = subprocess.Popen([*cli, "serve", "--repository", f"file://{repo}", "--audit-log", tmp_path / "audit.jsonl",
+                             "--tokens", tokens_file(tmp_path), "--keyring", ring, "--listen", f"127.0.0.1:{port}"],
                             env=env, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,8 @@ def _tail(path: Path) -> tuple[int, str]:
         if f.read(1) != b"\n":
             raise LKMConfigError(
                 f"audit log {path} ends in a partial line (a crash during a write?): check it with "
-                "'mediaseal lkm audit-verify', move it aside, and start again with a new file")
+                f"'mediaseal lkm audit-verify {shlex.quote(str(path))}', move it aside,"
+                " and start again with a new file")
         block, pos = b"", size - 1  # block: the bytes before the final newline, read backwards
         while pos > 0:
             step = min(65536, pos)
@@ -198,7 +200,7 @@ def _tail(path: Path) -> tuple[int, str]:
         seq = json.loads(last)["seq"]
     except (ValueError, KeyError, TypeError):
         raise LKMConfigError(f"audit log {path}: the last line is not an audit record; "
-                             "check it with 'mediaseal lkm audit-verify'") from None
+                             f"check it with 'mediaseal lkm audit-verify {shlex.quote(str(path))}'") from None
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise LKMConfigError(f"audit log {path}: the last line has no valid seq")
     return seq, line_hash(last)

@@ -1,6 +1,7 @@
 """Command-line options of `mediaseal lkm ...` and of the `--lkm` key provider (argparse only: no heavy imports).
 
-agent/cli.py wires these into its parser; the commands themselves live in keys.lkm.service / keys.lkm.audit.
+agent/cli/lkm_cmd.py and agent/cli/_options.py wire these into the parser;
+the commands themselves live in keys.lkm.service / keys.lkm.audit.
 """
 
 from __future__ import annotations
@@ -32,28 +33,30 @@ def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
                     help="refuse TLS handshakes without a client certificate (default: the gate refuses and audits)")
     sp.add_argument("--auth", choices=MODES, default=None,
                     help="what /v1 requests must carry (default: mtls+hmac with --client-ca, else hmac)")
-    sp.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT", help="default 127.0.0.1:8443")
+    sp.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
+                    help="address and port to bind, e.g. 0.0.0.0:8443")
     sp.add_argument("--genesys-keyring", type=Path, metavar="DIR",
                     help="enable the Genesys-compatible /key-management/v1 shim over this (RSA-OAEP) keyring")
     sp.add_argument("--hawk-require-payload-hash", action="store_true",
                     help="refuse Hawk requests that do not cover the body (hash=)")
     sp.add_argument("--replay-window", type=int, default=DEFAULT_WINDOW, metavar="SECONDS",
-                    help=f"accepted clock difference for signed requests (default {DEFAULT_WINDOW})")
+                    help="accepted clock difference for signed requests")
     sp.add_argument("--max-body", type=int, default=256 * 1024, metavar="BYTES", help="largest request body")
     sp.add_argument("--max-batch", type=int, default=256, metavar="N", help="most wraps in one unwrap-batch")
     sp.add_argument("--rate-limit", type=float, default=200.0, metavar="PER_SECOND",
                     help="requests per second per client, burst twice that (0: off)")
-    sp.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS")
+    sp.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="longest time one request may take")
     sp.add_argument("--keyset-ttl", type=int, default=DEFAULT_TTL_SECONDS, metavar="SECONDS",
                     help="validity of the key sets this signs (re-signed at half-life)")
     sp.add_argument("--keyset-out", type=Path, metavar="FILE", help="also write each key set published here")
     sp.add_argument("--rotation-check", type=float, default=3600.0, metavar="SECONDS",
                     help="how often to run the rotation schedule (keys.rotation), 0: never")
-    sp.add_argument("--log-format", choices=("text", "json"), default="text")
+    sp.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format on stderr")
 
 
 def add_audit_verify_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("file", type=Path, metavar="FILE")
+    sp.add_argument("file", type=Path, metavar="FILE", help="the audit log, e.g. /var/log/mediaseal-lkm/audit.jsonl")
     sp.add_argument("--expect-head", metavar="SHA256",
                     help="the chain head last logged by the service: also detects lost newest lines")
 

@@ -1,10 +1,16 @@
-"""Value types for the command line's options: one place, one wording for their errors."""
+"""Value types for the command line's options: one place, one wording for their errors.
+
+Each is an argparse `type=`: it returns the parsed value or raises ArgumentTypeError, which argparse
+turns into a usage error (exit 2) naming the option. String defaults go through the same function,
+so a default is written the way a user would type it (and shown that way in --help).
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 
-from mediaseal.agent.config import parse_size
+HostPort = tuple[str, int]
 
 
 def count(text: str) -> int:
@@ -39,6 +45,8 @@ def seconds(text: str) -> float:
 
 def size(text: str) -> int:
     """Bytes: `65536`, `64MiB`, `1GiB`, `1GB` (the config file's syntax)."""
+    from mediaseal.agent.config import parse_size  # here: the config module is large, and --help needs none of it
+
     try:
         value = parse_size(text)
     except ValueError as e:
@@ -54,3 +62,28 @@ def chunk_size(text: str) -> int:
     if value & (value - 1) or not 256 <= value <= 16 << 20:
         raise argparse.ArgumentTypeError("chunk size must be a power of two from 256 B to 16 MiB")
     return value
+
+
+def date(text: str) -> dt.date:
+    """A day, YYYY-MM-DD."""
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    value = count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port (0-65535): {text!r}")
+    return value
+
+
+def listen(text: str) -> HostPort:
+    """`HOST:PORT` to bind, as every listening command spells it; an IPv6 host in brackets: `[::1]:8750`."""
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host, port(port_text)
