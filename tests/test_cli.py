@@ -419,3 +419,12 @@ def test_export_progress_counts_bytes_as_bytes_and_recordings_as_recordings() ->
     bar.stop()
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.getvalue())
     assert "1.5/3.0 MB" in text and "1/3 recordings" in text, text
+
+
+def test_keys_init_refuses_an_empty_kms_key_id(tmp_path: Path) -> None:
+    """`--kms-key-id "$ID"` with ID unset once made a master.key keyring instead of a KMS one, silently."""
+    r = ms("keys", "init", "--keyring", tmp_path / "kr", "--kms-key-id", "", passphrase=False)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "--kms-key-id" in err and "must not be empty" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "kr").exists()

@@ -13,6 +13,13 @@ import datetime as dt
 HostPort = tuple[str, int]
 
 
+def nonempty(value: str) -> str:
+    """A non-empty string (an empty one is a shell variable that expanded to nothing, not a choice)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def count(text: str) -> int:
     """A whole number >= 0."""
     try:

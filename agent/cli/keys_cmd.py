@@ -40,7 +40,7 @@ def register(sub: SubParsers) -> None:
                  f"mediaseal keys init {KR} --kms-key-id alias/mediaseal")
     keyring_options(sp)
     sp.add_argument("--alg", default=codec.RSA_OAEP_256, choices=codec.WRAP_ALGORITHMS, help="key wrapping algorithm")
-    sp.add_argument("--kms-key-id", metavar="ARN|ALIAS",
+    sp.add_argument("--kms-key-id", metavar="ARN|ALIAS", type=argtypes.nonempty,
                     help="seal the private keys with this AWS KMS symmetric key instead of a passphrase")
 
     sp = command(ksub, "rotate", cmd_rotate, "make a new current KEK now; the previous one becomes decrypt-only",
