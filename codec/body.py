@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Literal, NamedTuple
 
 from mediaseal.codec.errors import OffsetPastEndError, TruncatedPackageError
 from mediaseal.codec.header import Header, Keys
@@ -64,16 +65,17 @@ class Layout:
         if self.chunks > 1 and last == TAG_SIZE:
             raise TruncatedPackageError("package ends with an empty chunk after a full one")
 
-    @property
+    # Cached: a seeking player plans a range per request, so these are on its path.
+    @cached_property
     def stride(self) -> int:
         return stride(self.chunk_size)
 
-    @property
+    @cached_property
     def chunks(self) -> int:
         body = self.package_size - self.header_size
         return max(1, -(-body // self.stride))
 
-    @property
+    @cached_property
     def plaintext_size(self) -> int:
         body = self.package_size - self.header_size
         return body - self.chunks * TAG_SIZE
@@ -82,6 +84,11 @@ class Layout:
         """(offset in the package, length) of chunk `index`'s ciphertext."""
         start = self.header_size + index * self.stride
         return start, min(self.stride, self.package_size - start)
+
+    def chunks_span(self, chunks: range) -> tuple[int, int]:
+        """(offset in the package, length) of the ciphertext of consecutive `chunks`, one after another."""
+        start = self.header_size + chunks.start * self.stride
+        return start, min(self.header_size + chunks.stop * self.stride, self.package_size) - start
 
     def chunks_for(self, offset: int, length: int) -> range:
         """The chunks holding plaintext bytes [offset, offset + length) (§5.2; none past the end)."""
@@ -93,8 +100,7 @@ class Layout:
         return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):  # tuples: one is made per range request, and they are cheap to make
     """Package bytes [offset, offset + length): the ciphertext of `chunks`, whole, one after another."""
 
     offset: int
@@ -102,8 +108,7 @@ class Span:
     chunks: range
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How to read plaintext [start, end): open `final` first (when it is not None), then the chunks
     of `span` in order, releasing `cut(i, plaintext of chunk i)` of each."""
 
@@ -136,14 +141,13 @@ class Body:
         self.final_span = self.span(range(self.last, self.chunks))
         self.final_checked = False  # the final chunk verified: the sizes are proven
         self._opener = ChunkOpener(keys.payload)
+        self._full, self._final_len = self.layout.stride, self.final_span.length  # chunk lengths, for open_into
 
     def span(self, chunks: range) -> Span:
         """The package bytes holding `chunks` (consecutive, within the package)."""
         if not chunks:
             return Span(self.layout.header_size, 0, chunks)
-        start = self.layout.chunk_span(chunks.start)[0]
-        end = sum(self.layout.chunk_span(chunks.stop - 1))
-        return Span(start, end - start, chunks)
+        return Span(*self.layout.chunks_span(chunks), chunks)
 
     def plan(self, offset: int, length: int | None = None, *, past_end: PastEnd = "error") -> Plan:
         """The reads for plaintext [offset, offset + length), clipped at the end (None: to the end).
@@ -170,7 +174,7 @@ class Body:
         last = index == self.last
         if not (last or self.final_checked):
             raise RuntimeError("the final chunk must verify before any other is opened (FORMAT.md §6 step 5)")
-        want = self.layout.chunk_span(index)[1]
+        want = self._final_len if last else self._full
         if len(ciphertext) != want:
             if len(ciphertext) < want:
                 raise TruncatedPackageError(f"package ends inside chunk {index}")
