@@ -130,7 +130,11 @@ class Plan(NamedTuple):
 
 
 class Body:
-    """The chunks of an opened package of known size (header checked, payload key derived)."""
+    """The chunks of an opened package of known size (header checked, payload key derived).
+
+    It holds no buffers, so one Body serves concurrent ranges (playback shares a package between
+    requests); its one state is `final_checked`, which only ever turns true.
+    """
 
     def __init__(self, header: Header, keys: Keys, package_size: int) -> None:
         self.layout = Layout(header.size, header.chunk_size, package_size)
@@ -152,9 +156,10 @@ class Body:
     def plan(self, offset: int, length: int | None = None, *, past_end: PastEnd = "error") -> Plan:
         """The reads for plaintext [offset, offset + length), clipped at the end (None: to the end).
 
-        An offset past the end (beyond the last byte's successor) is OffsetPastEndError, or with
-        `past_end="empty"` an empty range, as slices and docs/FORMAT.md §5.2 have it. Either way
-        the final chunk is still checked, so an empty answer never hides a truncated package.
+        An offset greater than the plaintext size is OffsetPastEndError, or with `past_end="empty"`
+        an empty range, as slices and docs/FORMAT.md §5.2 have it (an offset equal to the size is an
+        empty range either way). An empty plan still names the final chunk until it verified, so an
+        empty answer never hides a truncated package.
         """
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")

@@ -90,6 +90,11 @@ async def test_random_ranges_from_s3_equal_the_slice_and_fetch_only_their_chunks
                 want = []
             assert ranges_fetched(fault_proxy) == want, (offset, length)
             assert fault_proxy.count("HeadObject") == 0
+        fault_proxy.forget()
+        with pytest.raises(codec.OffsetPastEndError, match=f"past the end of the recording \\({len(plaintext)} bytes"):
+            async for _ in pkg.iter_range(len(plaintext) + 1, 10, past_end="error"):
+                pass
+        assert ranges_fetched(fault_proxy) == []  # refused before any read
     finally:
         await source.close()
 
