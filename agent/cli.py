@@ -207,7 +207,7 @@ def cmd_decrypt(args: argparse.Namespace) -> None:
             return
         reader = codec.open_package(src, unwrapper)
         with _atomic_out(args.output) as dst:
-            reader.decrypt_to(dst, args.offset or 0, args.length)
+            reader.decrypt_to(dst, args.offset or 0, args.length, past_end="error")
 
 
 def _decrypt_url(args: argparse.Namespace, unwrapper: codec.Unwrapper) -> None:
@@ -221,7 +221,7 @@ def _decrypt_url(args: argparse.Namespace, unwrapper: codec.Unwrapper) -> None:
         try:
             package = await RemotePackage.open(source, key, unwrapper)
             with _atomic_out(args.output) as dst:
-                async for piece in package.iter_range(args.offset or 0, args.length):
+                async for piece in package.iter_range(args.offset or 0, args.length, past_end="error"):
                     dst.write(piece)
         finally:
             await source.close()

@@ -69,6 +69,17 @@ def test_encrypt_needs_no_secret_and_decrypt_round_trips(sample: tuple[Path, Pat
     assert r.returncode == 0 and r.stdout == data
 
 
+def test_decrypt_offset_past_the_end_is_an_error(sample: tuple[Path, Path, bytes], keyring: Path,
+                                                 tmp_path: Path) -> None:
+    _, pkg, data = sample
+    out = tmp_path / "past.wav"
+    r = ms("decrypt", pkg, "-o", out, "--keyring", keyring, "--offset", str(len(data) + 1))
+    assert f"past the end of the recording ({len(data)} bytes)" in one_line_error(r)
+    assert not out.exists()
+    r = ms("decrypt", pkg, "-o", "-", "--keyring", keyring, "--offset", str(len(data)))  # at the end: no bytes
+    assert r.returncode == 0 and r.stdout == b"", r.stderr
+
+
 def test_inspect_and_verify(sample: tuple[Path, Path, bytes], keyring: Path) -> None:
     _, pkg, data = sample
     r = ms("inspect", pkg, "--json", passphrase=False)
