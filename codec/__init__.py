@@ -5,11 +5,13 @@
 >>> open_package(open("out.mseal", "rb"), keyring).decrypt_to(sys.stdout.buffer)
 """
 
+from mediaseal.codec.body import Body, BodyStream, Layout, PastEnd, Plan, Span
 from mediaseal.codec.errors import (
     AuthenticationError,
     CodecError,
     MalformedPackageError,
     NoMatchingKeyError,
+    OffsetPastEndError,
     TruncatedPackageError,
     UnsupportedVersionError,
 )
@@ -24,7 +26,6 @@ from mediaseal.codec.header import (
     read_header,
 )
 from mediaseal.codec.package import (
-    Layout,
     PackageReader,
     Recipient,
     SealResult,
@@ -40,9 +41,9 @@ from mediaseal.codec.wrap import RSA_OAEP, RSA_OAEP_256, WRAP_ALGORITHMS, Wrap, 
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "KINDS", "RSA_OAEP", "RSA_OAEP_256", "TAG_SIZE", "WRAP_ALGORITHMS",
-    "AuthenticationError", "ChunkOpener", "ChunkSealer", "CodecError", "Header", "Keys", "Layout",
-    "MalformedPackageError", "Metadata", "NoMatchingKeyError", "PackageReader", "Recipient",
-    "SealResult", "TruncatedPackageError", "UnsupportedVersionError", "Unwrapper", "Wrap",
-    "decrypt_stream", "derive_keys", "new_package", "nonce", "open_package", "parse_header",
+    "AuthenticationError", "Body", "BodyStream", "ChunkOpener", "ChunkSealer", "CodecError", "Header", "Keys",
+    "Layout", "MalformedPackageError", "Metadata", "NoMatchingKeyError", "OffsetPastEndError", "PackageReader",
+    "PastEnd", "Plan", "Recipient", "SealResult", "Span", "TruncatedPackageError", "UnsupportedVersionError",
+    "Unwrapper", "Wrap", "decrypt_stream", "derive_keys", "new_package", "nonce", "open_package", "parse_header",
     "read_header", "rewrap", "seal", "stride", "unwrap_dek", "wrap_dek",
 ]

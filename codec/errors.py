@@ -25,3 +25,13 @@ class TruncatedPackageError(CodecError):
 
 class NoMatchingKeyError(CodecError):
     """None of the package's DEK wraps is for a key the caller holds."""
+
+
+class OffsetPastEndError(CodecError, ValueError):
+    """A range asked for that starts past the end of the recording: the package is fine, the request is
+    not (readers that follow slice semantics, as docs/FORMAT.md §5.2 does, give no bytes instead)."""
+
+    def __init__(self, offset: int, plaintext_size: int) -> None:
+        super().__init__(f"offset {offset} is past the end of the recording ({plaintext_size} bytes)")
+        self.offset = offset
+        self.plaintext_size = plaintext_size

@@ -23,9 +23,9 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mediaseal.codec.errors import TruncatedPackageError
+from mediaseal.codec.body import Body, BodyStream, PastEnd
 from mediaseal.codec.header import DEFAULT_CHUNK_SIZE, SALT_SIZE, Header, Keys, Metadata, read_header
-from mediaseal.codec.stream import TAG_SIZE, ChunkOpener, ChunkSealer, stride
+from mediaseal.codec.stream import TAG_SIZE, ChunkSealer, stride
 from mediaseal.codec.wrap import DEK_SIZE, RSA_OAEP_256, Wrap, wrap_dek
 
 
@@ -151,119 +151,65 @@ def seal(
     return SealResult(total, written, chunks, sha)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where things are in a package of a known total size. Pure arithmetic, no I/O.
-
-    The body length alone fixes the chunk count, because every chunk but the last is full and the
-    last is non-empty (unless the recording is empty and it is the only one).
-    """
-
-    header_size: int
-    chunk_size: int
-    package_size: int
-
-    def __post_init__(self) -> None:
-        body = self.package_size - self.header_size
-        if body < TAG_SIZE:
-            raise TruncatedPackageError("package has no final chunk")
-        last = body - (self.chunks - 1) * self.stride
-        if last < TAG_SIZE:
-            raise TruncatedPackageError("package ends inside a chunk's tag")
-        if self.chunks > 1 and last == TAG_SIZE:
-            raise TruncatedPackageError("package ends with an empty chunk after a full one")
-
-    @property
-    def stride(self) -> int:
-        return stride(self.chunk_size)
-
-    @property
-    def chunks(self) -> int:
-        body = self.package_size - self.header_size
-        return max(1, -(-body // self.stride))
-
-    @property
-    def plaintext_size(self) -> int:
-        body = self.package_size - self.header_size
-        return body - self.chunks * TAG_SIZE
-
-    def chunk_span(self, index: int) -> tuple[int, int]:
-        """(offset in the package, length) of chunk `index`'s ciphertext."""
-        start = self.header_size + index * self.stride
-        return start, min(self.stride, self.package_size - start)
-
-    def chunks_for(self, offset: int, length: int) -> range:
-        """The chunks holding plaintext bytes [offset, offset + length)."""
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must not be negative")
-        end = min(offset + length, self.plaintext_size)
-        if offset >= end:
-            return range(0)
-        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
-
-
 class PackageReader:
-    """Random access to an opened package in a seekable file. Only authenticated bytes come out."""
+    """Random access to an opened package in a seekable file. Only authenticated bytes come out.
+
+    The file I/O is all this class does: `Body` plans the reads, sets the last flags and sees that
+    the final chunk verified before any other chunk is opened.
+    """
 
     def __init__(self, f: Seekable, header: Header, keys: Keys, package_size: int) -> None:
         self.header = header
-        self.layout = Layout(header.size, header.chunk_size, package_size)
+        self.body = Body(header, keys, package_size)
+        self.layout = self.body.layout
         self._f = f
-        self._opener = ChunkOpener(keys.payload)
         self._ct = memoryview(bytearray(self.layout.stride))
         self._pt = memoryview(bytearray(header.chunk_size))
-        self._final_checked = False
 
     @property
     def plaintext_size(self) -> int:
-        return self.layout.plaintext_size
+        return self.body.plaintext_size
 
     def chunk(self, index: int) -> memoryview:
         """The plaintext of chunk `index` (valid until the next call)."""
         offset, length = self.layout.chunk_span(index)
         self._f.seek(offset)
         ct = self._ct[:length]
-        if _read_full(self._f, ct) != length:
-            raise TruncatedPackageError(f"package ends inside chunk {index}")
-        last = index == self.layout.chunks - 1
-        n = self._opener.open_into(index, ct, self._pt, last)
-        if last:
-            self._final_checked = True
+        n = self.body.open_into(index, ct[: _read_full(self._f, ct)], self._pt)
         return self._pt[:n]
 
-    def iter_range(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+    def iter_range(self, offset: int = 0, length: int | None = None, *, past_end: PastEnd = "empty") -> Iterator[bytes]:
         """Plaintext bytes [offset, offset + length), chunk by chunk (each piece its own bytes).
 
         The final chunk is authenticated first when the range does not reach it, so a package cut
-        short at a chunk boundary can't pass as a shorter recording.
+        short at a chunk boundary can't pass as a shorter recording. An offset past the end gives no
+        bytes, or OffsetPastEndError with `past_end="error"`.
         """
-        for view in self._views(offset, length):
+        for view in self._views(offset, length, past_end):
             yield bytes(view)
 
-    def _views(self, offset: int, length: int | None) -> Iterator[memoryview]:
+    def _views(self, offset: int, length: int | None, past_end: PastEnd) -> Iterator[memoryview]:
         # Views into one reused buffer: each is valid only until the next is produced.
-        if length is None:
-            length = max(0, self.plaintext_size - offset)
-        if not self._final_checked:
-            self.chunk(self.layout.chunks - 1)
-        for i in self.layout.chunks_for(offset, length):
-            pt = self.chunk(i)
-            base = i * self.header.chunk_size
-            lo = max(offset - base, 0)
-            hi = min(offset + length - base, len(pt))
-            yield pt[lo:hi]
+        plan = self.body.plan(offset, length, past_end=past_end)
+        if plan.final is not None:
+            self.chunk(self.body.last)
+        for i in plan.span.chunks:
+            yield plan.cut(i, self.chunk(i))
 
-    def decrypt_to(self, dst: Writable, offset: int = 0, length: int | None = None) -> int:
+    def decrypt_to(self, dst: Writable, offset: int = 0, length: int | None = None, *,
+                   past_end: PastEnd = "empty") -> int:
         """Write plaintext [offset, offset + length) to `dst`; return the bytes written."""
         written = 0
-        for piece in self._views(offset, length):
-            dst.write(piece)
+        for piece in self._views(offset, length, past_end):
+            _write_all(dst, piece)
             written += len(piece)
         return written
 
     def verify(self) -> int:
-        """Authenticate every chunk, keeping nothing; return the plaintext size."""
-        for i in range(self.layout.chunks):
+        """Authenticate every chunk (the final one first), keeping nothing; return the plaintext size."""
+        if not self.body.final_checked:
+            self.chunk(self.body.last)
+        for i in range(self.body.last):
             self.chunk(i)
         return self.plaintext_size
 
@@ -283,29 +229,12 @@ def decrypt_stream(src: Readable, dst: Writable, unwrapper: Unwrapper) -> tuple[
     earlier chunks written: callers that must not release partial output write to a temp file.
     """
     header = read_header(src)
-    keys = header.open(unwrapper.unwrap(header.wraps))
-    opener = ChunkOpener(keys.payload)
-    size = stride(header.chunk_size)
-    cur, nxt = memoryview(bytearray(size)), memoryview(bytearray(size))
-    pt = memoryview(bytearray(header.chunk_size))
-    n, index, total = _read_full(src, cur), 0, 0
-    if n < TAG_SIZE:
-        raise TruncatedPackageError("package has no final chunk")
-    while True:
-        m = _read_full(src, nxt) if n == size else 0
-        # The same layout rules as `Layout`, applied while reading ahead: what follows a full
-        # chunk is either nothing, or a chunk with at least one byte of plaintext.
-        if 0 < m < TAG_SIZE:
-            raise TruncatedPackageError("package ends inside a chunk's tag")
-        if m == TAG_SIZE:
-            raise TruncatedPackageError("package ends with an empty chunk after a full one")
-        last = m == 0
-        k = opener.open_into(index, cur[:n], pt, last)
-        dst.write(pt[:k])
-        total += k
-        if last:
-            return header, total
-        cur, nxt, n, index = nxt, cur, m, index + 1
+    body = BodyStream(header, header.open(unwrapper.unwrap(header.wraps)))
+    while n := src.readinto(body.buffer()):  # straight into the stream's buffers: no copy
+        if pt := body.received(n):
+            _write_all(dst, pt)
+    _write_all(dst, body.end())
+    return header, body.released
 
 
 def rewrap(src: Readable, dst: Writable, unwrapper: Unwrapper, recipients: Sequence[Recipient],

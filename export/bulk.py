@@ -33,7 +33,7 @@ import mimetypes
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -456,40 +456,38 @@ def _first(eg: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class _PlainStream:
-    """The authenticated plaintext of one package, chunk by chunk, from one streamed ranged GET."""
+    """The authenticated plaintext of one package, chunk by chunk, from one streamed ranged GET.
+
+    `codec.BodyStream` owns the chunk layout and the last-chunk rule: it is fed the body as it comes,
+    so a package cut short (even at a chunk boundary) fails at its end, and the upload is aborted.
+    """
 
     def __init__(self, source: PackageSource, obj: SourceObject, header: codec.Header, keys: codec.Keys,
                  progress: Progress) -> None:
         self.source, self.obj, self.header, self.progress = source, obj, header, progress
-        self.layout = codec.Layout(header.size, header.chunk_size, obj.size)
-        self.opener = codec.ChunkOpener(keys.payload)
+        self.stream = codec.BodyStream(header, keys)
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def _open(self, index: int, ct: bytes, last: bool) -> bytes:
-        out = bytearray(len(ct))
-        n = self.opener.open_into(index, memoryview(ct), memoryview(out), last)
-        del out[n:]
-        self.sha256.update(out)
-        return bytes(out)
+    def _take(self, pieces: Iterable[memoryview]) -> list[bytes]:
+        out = [bytes(pt) for pt in pieces]  # each view is valid until the next one is produced
+        for pt in out:
+            self.sha256.update(pt)
+            self.size += len(pt)
+        return out
+
+    def _end(self) -> list[bytes]:
+        return self._take([self.stream.end()])
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        chunks, stride = self.layout.chunks, self.layout.stride
-        index = 0
+        stride = codec.stride(self.header.chunk_size)
         body = self.obj.size - self.header.size
         async for ct in self.source.iter_read(self.obj.key, self.header.size, body, stride):
-            if index >= chunks:
-                raise codec.MalformedPackageError("the package grew while it was read")
-            last = index == chunks - 1
-            if len(ct) != (self.layout.chunk_span(index)[1]):
-                raise codec.TruncatedPackageError(f"package ends inside chunk {index}")
-            pt = await asyncio.to_thread(self._open, index, ct, last)
-            self.size += len(pt)
+            for pt in await asyncio.to_thread(self._take, self.stream.feed(ct)):
+                yield pt
             self.progress.advance(len(ct))
-            index += 1
+        for pt in await asyncio.to_thread(self._end):
             yield pt
-        if index != chunks:
-            raise codec.TruncatedPackageError(f"package is truncated after chunk {index}")
         self.progress.advance(self.header.size)
 
 

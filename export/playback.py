@@ -43,16 +43,19 @@ class FetchStats:
 
 
 class RemotePackage:
-    """An opened package in a repository: header checked, DEK unwrapped, final chunk authenticated."""
+    """An opened package in a repository: header checked, DEK unwrapped, final chunk authenticated.
+
+    The reads are all this class does: `codec.Body` plans them, sets the last flags and opens no chunk
+    of a range before the final chunk verified.
+    """
 
     def __init__(self, source: PackageSource, key: str, header: codec.Header, keys: codec.Keys,
                  package_size: int, head: bytes) -> None:
         self.source, self.key = source, key
         self.header = header
-        self.layout = codec.Layout(header.size, header.chunk_size, package_size)
-        self._opener = codec.ChunkOpener(keys.payload)
+        self.body = codec.Body(header, keys, package_size)
+        self.layout = self.body.layout
         self._head = head  # the package's first bytes (ciphertext), as read for the header
-        self._final_checked = False
         self.stats = FetchStats()
 
     @classmethod
@@ -84,74 +87,49 @@ class RemotePackage:
 
     @property
     def plaintext_size(self) -> int:
-        return self.layout.plaintext_size
+        return self.body.plaintext_size
 
-    async def _fetch(self, offset: int, length: int) -> bytes:
-        if offset + length <= len(self._head):
-            return self._head[offset:offset + length]
-        data = await self.source.read(self.key, offset, length)
+    def _blocks(self, span: codec.Span) -> AsyncGenerator[bytes, None]:
+        """The ciphertext of `span`, one chunk per block: from the first read if it holds it, else one GET."""
+        end = span.offset + span.length
+        if end <= len(self._head):
+            return _blocks_of(self._head[span.offset:end], self.layout.stride)
         self.stats.requests += 1
-        self.stats.bytes += len(data)
-        return data
+        return self.source.iter_read(self.key, span.offset, span.length, self.layout.stride)
+
+    def _open(self, index: int, ct: bytes, pt: memoryview) -> memoryview:
+        self.stats.bytes += len(ct)
+        return pt[:self.body.open_into(index, memoryview(ct), pt)]
 
     async def check_final(self) -> None:
         """Authenticate the final chunk (once): the package is as long as its size says, not cut short."""
-        if self._final_checked:
+        if self.body.final_checked:
             return
-        async for _ in self._chunks(range(self.layout.chunks - 1, self.layout.chunks)):
-            pass
-        self._final_checked = True
+        span = self.body.final_span
+        async with contextlib.aclosing(self._blocks(span)) as blocks:
+            ct = await anext(blocks, b"")  # nothing at all: the package ends before it
+        self._open(span.chunks.start, ct, memoryview(bytearray(self.header.chunk_size)))
 
-    async def _chunks(self, indexes: range) -> AsyncGenerator[memoryview, None]:
-        """Plaintext of consecutive chunks, each authenticated before it is yielded: one ranged read.
+    async def iter_range(self, offset: int = 0, length: int | None = None, *,
+                         past_end: codec.PastEnd = "empty") -> AsyncGenerator[bytes, None]:
+        """Plaintext [offset, offset + length) clipped to the recording, one piece per chunk.
 
-        Each view is valid until the next one is produced (one buffer, reused).
+        An offset past the end gives no bytes, or OffsetPastEndError with `past_end="error"` (before
+        any read). Memory: one chunk of plaintext per call (a package is shared by concurrent ranges).
         """
-        if not indexes:
-            return
-        last = self.layout.chunks - 1
-        first_off, _ = self.layout.chunk_span(indexes.start)
-        end_off = sum(self.layout.chunk_span(indexes.stop - 1))
-        pt = memoryview(bytearray(self.header.chunk_size))
-        if end_off <= len(self._head):
-            blocks = _blocks_of(self._head[first_off:end_off], self.layout.stride)
-        else:
-            self.stats.requests += 1
-            blocks = self.source.iter_read(self.key, first_off, end_off - first_off, self.layout.stride)
-        index = indexes.start
-        async with contextlib.aclosing(blocks):  # an abandoned range closes its GET now, not at gc
-            async for ct in blocks:
-                want = self.layout.chunk_span(index)[1] if index < indexes.stop else 0
-                if len(ct) != want:
-                    raise codec.TruncatedPackageError(f"package ends inside chunk {index}")
-                self.stats.bytes += len(ct)
-                n = self._opener.open_into(index, memoryview(ct), pt, index == last)
-                yield pt[:n]
-                index += 1
-        if index != indexes.stop:
-            raise codec.TruncatedPackageError(f"package ends inside chunk {index}")
-
-    async def iter_range(self, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
-        """Plaintext [offset, offset + length) clipped to the recording, one piece per chunk."""
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError("offset and length must not be negative")
-        if length is None:
-            length = max(0, self.plaintext_size - offset)
-        end = min(offset + length, self.plaintext_size)
-        cs = self.header.chunk_size
-        chunks = self.layout.chunks_for(offset, length)
-        # The final chunk is checked alongside the range's own GET, and awaited before the first piece.
-        final = None if self._final_checked else asyncio.ensure_future(self.check_final())
+        plan = self.body.plan(offset, length, past_end=past_end)
+        # The final chunk is checked alongside the range's own GET, and awaited before its first chunk opens.
+        final = None if plan.final is None else asyncio.ensure_future(self.check_final())
         try:
-            index = chunks.start
-            async with contextlib.aclosing(self._chunks(chunks)) as pieces:
-                async for pt in pieces:
-                    if final is not None:
-                        await final
-                        final = None
-                    base = index * cs
-                    yield bytes(pt[max(offset - base, 0):min(end - base, len(pt))])
-                    index += 1
+            if plan.span.chunks:
+                pt = memoryview(bytearray(self.header.chunk_size))
+                async with contextlib.aclosing(self._blocks(plan.span)) as blocks:  # closed now, not at gc
+                    for index in plan.span.chunks:
+                        ct = await anext(blocks, b"")  # the source ended early: the chunk is short
+                        if final is not None:
+                            await final
+                            final = None
+                        yield bytes(plan.cut(index, self._open(index, ct, pt)))
             if final is not None:
                 await final
                 final = None

@@ -90,6 +90,11 @@ async def test_random_ranges_from_s3_equal_the_slice_and_fetch_only_their_chunks
                 want = []
             assert ranges_fetched(fault_proxy) == want, (offset, length)
             assert fault_proxy.count("HeadObject") == 0
+        fault_proxy.forget()
+        with pytest.raises(codec.OffsetPastEndError, match=f"past the end of the recording \\({len(plaintext)} bytes"):
+            async for _ in pkg.iter_range(len(plaintext) + 1, 10, past_end="error"):
+                pass
+        assert ranges_fetched(fault_proxy) == []  # refused before any read
     finally:
         await source.close()
 
@@ -195,6 +200,9 @@ def test_cli_decrypts_s3_url_with_offset_and_length(moto_server: MotoServer, s3_
     assert (tmp_path / "all").read_bytes() == data
     r = ms("decrypt", f"file://{tmp_path}/p.mseal", "-o", "-", "--keyring", ring, "--offset", "1", "--length", "5")
     assert r.returncode == 0 and r.stdout == data[1:6], r.stderr
+    r = ms("decrypt", f"file://{tmp_path}/p.mseal", "-o", tmp_path / "past", "--keyring", ring, "--offset", "300001")
+    assert r.returncode == 1 and "past the end of the recording (300000 bytes)" in r.stderr.decode(), r.stderr
+    assert not (tmp_path / "past").exists()
 
     r = ms("decrypt", f"s3://{s3_bucket}/site/call/2026/11/28/nope.mseal", "-o", tmp_path / "x", "--keyring", ring)
     err = r.stderr.decode()
