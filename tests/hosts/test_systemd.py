@@ -286,6 +286,25 @@ def test_a_stopped_agent_is_killed_by_the_watchdog_and_restarted(machine: Machin
     assert after["SubState"] == "running"
 
 
+def test_an_upgrade_stops_and_restarts_the_running_agent_and_keeps_the_config(machine: Machine, deb: Path,
+                                                                             started: dict[str, str]) -> None:
+    """prerm stops a running agent before its venv is replaced (it imports lazily), postinst starts it
+    again; the operator's edited conffile and ownership stay."""
+    before = machine.show("mediaseal.service", "MainPID", "NRestarts", "ActiveState")
+    assert before["ActiveState"] == "active", before
+    config = machine.path("/etc/mediaseal/mediaseal.toml").read_bytes()
+    machine.run("apt-get", "install", "-y", "--reinstall", f"{DEB_DIR}/{deb.name}", timeout=1200)
+    after = machine.show("mediaseal.service", "MainPID", "NRestarts", "ActiveState")
+    assert after["ActiveState"] == "active" and after["MainPID"] != before["MainPID"], (before, after)
+    # An explicit start resets systemd's count of automatic restarts: a stop and a start, not a failure's.
+    assert after["NRestarts"] == "0", (before, after)
+    assert machine.path("/etc/mediaseal/mediaseal.toml").read_bytes() == config
+    assert machine.run("stat", "-c", "%U:%G %a", "/etc/mediaseal/mediaseal.toml").stdout.strip() == "root:mediaseal 640"
+    assert not machine.path("/run/mediaseal-deb").exists()
+    journal = machine.journal("mediaseal.service")
+    assert any("Stopped mediaseal.service" in line for line in journal), journal[-20:]
+
+
 def test_systemd_analyze_security_rates_the_running_unit(machine: Machine, started: dict[str, str],
                                                          record_property: Any) -> None:
     assert machine.show("mediaseal.service", "ActiveState")["ActiveState"] == "active"
