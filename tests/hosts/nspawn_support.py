@@ -6,7 +6,12 @@
 
 - `--keep-unit --register=no`: this host has no systemd of its own (PID 1 is the VM's init), so
   nspawn must neither ask systemd for a scope unit nor register with systemd-machined; without
-  them it fails on the missing D-Bus.
+  both it stops at "Failed to open system bus: No such file or directory".
+- `SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`: the container gets the pure cgroup2 layout a bookworm host
+  runs (nspawn mounts the host's cgroup2 hierarchy, /sys/fs/cgroup/unified on this hybrid-mode host,
+  as the container's /sys/fs/cgroup). Its controllers stay bound to the host's v1 hierarchies, so
+  resource limits (MemoryMax=) are not enforced inside; the agent's unit sets none. Left to itself
+  (unset or 0) nspawn copies the host's hybrid layout, in which bookworm's systemd boots too (measured).
 - `--volatile=overlay`: the root is the cached, shared debootstrap tree (tests/hosts/debian_root.py);
   every write of the run lands in a tmpfs overlay and is gone at power-off, so the cache stays clean.
 - `--private-network`: only loopback inside; nothing the test does reaches the network.
@@ -28,6 +33,7 @@ a fixed time and hopes.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import os
 import re
 import shutil
@@ -118,7 +124,8 @@ class Machine:
                 "-D", str(self.root)]
         argv += [f"--bind-ro={host}:{inside}" for host, inside in self.bind_ro.items()]
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
         try:
             self.init_pid = wait_until("the container's PID 1", self._find_init, timeout)
             # No answer (or "offline") until PID 1 listens on its private socket; then --wait blocks until
@@ -167,6 +174,9 @@ class Machine:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=60)
+        # nspawn leaves its (empty) propagation directory where /run is not a tmpfs ("we can't allow that").
+        with contextlib.suppress(OSError):
+            Path("/run/systemd/nspawn/propagate", self.name).rmdir()
         return self.proc.returncode
 
     # -- inside --------------------------------------------------------------------------------------

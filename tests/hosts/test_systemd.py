@@ -14,11 +14,12 @@ maintainer scripts need none, and that purge keeps the spool.
 
 This host: a Firecracker VM whose PID 1 is not systemd (`systemd-detect-virt` in the sandbox says
 "docker"), with cgroups in hybrid mode (v1 controllers plus a name=systemd v1 hierarchy, cgroup2 at
-/sys/fs/cgroup/unified). systemd-nspawn 252 detects that and gives the container the same hybrid
-layout, in which bookworm's systemd 252 boots without any knob (crun's "hybrid mode not supported" is
-crun's own limit). With no systemd and no D-Bus on the host, nspawn runs with --keep-unit (no scope
-unit asked for) and --register=no (no systemd-machined); see tests/hosts/nspawn_support.py. Where the
-machine cannot boot, the booted tests skip with nspawn's own last words.
+/sys/fs/cgroup/unified). crun's "hybrid mode not supported" is crun's own limit: systemd-nspawn 252
+boots bookworm's systemd 252 either in a copy of the hybrid layout (its default here) or, as these
+tests do, on the pure cgroup2 layout a bookworm host runs (SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1). With
+no systemd and no D-Bus on the host, nspawn runs with --keep-unit (no scope unit asked for) and
+--register=no (no systemd-machined); see tests/hosts/nspawn_support.py. Where the machine cannot
+boot, the booted tests skip with nspawn's own last words.
 
 Needs root, apt-get and a Debian mirror (tests/hosts/debian_root.py); skips with the reason otherwise.
 Times (first run builds the root and the .deb; later runs reuse the root): see record_property.
