@@ -87,3 +87,9 @@ soak: install  ## the long crash/fault loops
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+
+# The Debian package for premises hosts, built with Debian's own tools (dpkg-deb) around a venv made
+# with Debian's python3 (packaging/debian/build-deb.sh says what goes where and why). Needs dpkg-deb and
+# python3-venv; `apt install ./dist/mediaseal_<version>_amd64.deb` installs it (nothing starts until configured).
+deb: $(WHEEL)  ## dist/mediaseal_<version>_<arch>.deb
+	sh packaging/debian/build-deb.sh $(WHEEL) dist
