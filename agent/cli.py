@@ -108,14 +108,14 @@ def cmd_keys_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_retire(args: argparse.Namespace) -> None:
-    from mediaseal.keys.rotation import retire_key
+    from mediaseal.export.rewrap import retire_key
 
     ring = kr.Keyring.open(args.keyring)
     print(asyncio.run(retire_key(ring, args.kid, args.repository, force=args.force, endpoint_url=args.endpoint_url)))
 
 
 def cmd_keys_rewrap(args: argparse.Namespace) -> None:
-    from mediaseal.keys.rotation import rewrap_repository
+    from mediaseal.export.rewrap import rewrap_repository
 
     ring = kr.Keyring.open(args.keyring, kms=_kms_options(args))
     report = asyncio.run(rewrap_repository(ring, _passphrase(args), args.repository, from_kid=args.from_kid,
