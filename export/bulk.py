@@ -520,12 +520,7 @@ class _Dest:
         return f"s3://{self.bucket}/{key}"
 
     def sse_args(self) -> dict[str, str]:
-        args: dict[str, str] = {}
-        if self.opts.sse:
-            args["ServerSideEncryption"] = self.opts.sse
-        if self.opts.sse_kms_key_id:
-            args["SSEKMSKeyId"] = self.opts.sse_kms_key_id
-        return args
+        return s3io.sse_args(self.opts.sse, self.opts.sse_kms_key_id)
 
     async def target(self) -> s3io.S3Bucket:
         try:

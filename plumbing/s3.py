@@ -50,7 +50,7 @@ from typing import Any, Literal, Protocol, TypeVar
 __all__ = [
     "AGENT", "COMMAND", "ClientSettings", "LazyClient", "MultipartUpload", "Part", "Retries", "S3AccessDeniedError",
     "S3Bucket", "S3Error", "S3NotFoundError", "S3PermanentError", "S3TransientError", "StreamingUpload", "b64",
-    "client_config", "error_code", "errors", "open_client", "translate",
+    "client_config", "errors", "open_client", "sse_args", "translate",
 ]
 
 T = TypeVar("T")
@@ -211,14 +211,6 @@ PERMANENT_CODES = frozenset({
 })
 
 
-def error_code(e: BaseException) -> str:
-    """S3's error code of a ClientError ("" for anything else)."""
-    response = getattr(e, "response", None)
-    if not isinstance(response, Mapping):
-        return ""
-    return str((response.get("Error") or {}).get("Code") or "")
-
-
 def translate(op: str, where: str, e: BaseException) -> S3Error:
     """The S3Error for a failed request `op` on `where` (a URL), or for a failure setting up a client."""
     from botocore.exceptions import (
@@ -282,6 +274,16 @@ def errors() -> tuple[type[BaseException], ...]:
 
 def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
+
+
+def sse_args(sse: str | None, kms_key_id: str | None) -> dict[str, str]:
+    """The server-side encryption arguments of a PutObject / CreateMultipartUpload."""
+    args: dict[str, str] = {}
+    if sse:
+        args["ServerSideEncryption"] = sse
+    if kms_key_id:
+        args["SSEKMSKeyId"] = kms_key_id
+    return args
 
 
 # -- requests ---------------------------------------------------------------------------------------

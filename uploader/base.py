@@ -31,9 +31,14 @@ from mediaseal.plumbing.locations import LocationError, RepositoryKey
 
 
 class RepositoryError(Exception):
-    """A delivery failed. `transient` ones are retried with backoff; the others are quarantined."""
+    """A delivery (or read) failed. `transient` ones are retried with backoff; the others are quarantined.
+    `code` is the store's error code where it gave one (S3's, or the botocore exception's name)."""
 
     transient = True
+
+    def __init__(self, message: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TransientRepositoryError(RepositoryError):

@@ -96,15 +96,9 @@ _SPOOL_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR
 class S3TransientError(TransientRepositoryError):
     """A transient S3 failure; `code` is S3's error code (or the botocore exception's name)."""
 
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
 
 class S3PermanentError(PermanentRepositoryError):
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
+    """A permanent S3 failure (needs an operator); `code` as above."""
 
 
 @dataclass(frozen=True)
@@ -471,11 +465,7 @@ class S3Repository:
         }
         if self.options.storage_class:
             args["StorageClass"] = self.options.storage_class
-        if self.options.sse:
-            args["ServerSideEncryption"] = self.options.sse
-        if self.options.sse_kms_key_id:
-            args["SSEKMSKeyId"] = self.options.sse_kms_key_id
-        return args
+        return {**args, **s3io.sse_args(self.options.sse, self.options.sse_kms_key_id)}
 
     def _etag_is_md5(self, resp: dict[str, Any]) -> bool:
         sse = str(resp.get("ServerSideEncryption") or "")
