@@ -30,8 +30,8 @@ What `put` does, and what a Receipt means here:
   Only then does the Receipt carry `upload.sha256`. A verification mismatch is transient (re-send).
 - Errors: plumbing.s3.translate classifies every failure (connection refused/reset, timeouts, 5xx,
   SlowDown/throttling, RequestTimeout, BadDigest -> transient; AccessDenied, NoSuchBucket, bad
-  credentials, KMS key problems, other 4xx -> permanent); here they become S3TransientError /
-  S3PermanentError (RepositoryErrors keeping S3's code). A HEAD of an object that is not there yet
+  credentials, KMS key problems, other 4xx -> permanent); here they become Transient- or
+  PermanentRepositoryErrors keeping S3's code (`e.code`). A HEAD of an object that is not there yet
   is transient (send it again). Retries: plumbing.s3.AGENT for delivery (botocore's own retries are
   off: the agent backs off), plumbing.s3.COMMAND for a repository opened for reading by a command.
 - Reads (the PackageReader side): HEAD, ranged and streamed GETs pinned to the ETag that `size()` or
@@ -74,7 +74,7 @@ from mediaseal.uploader.base import (
 )
 
 __all__ = [
-    "MAX_PARTS", "MIN_PART_SIZE", "S3Options", "S3PermanentError", "S3Repository", "S3TransientError",
+    "MAX_PARTS", "MIN_PART_SIZE", "S3Options", "S3Repository",
     "parse_s3_url", "plan_part_size",
 ]
 
@@ -91,14 +91,6 @@ _SEND_ATTEMPTS = 3  # a request whose bytes the repository reports differently i
 _DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
 _MISMATCH_CODES = frozenset({"SizeMismatch", "ChecksumMismatch", "NoSuchKey"})  # verification said: not it
 _SPOOL_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
-
-
-class S3TransientError(TransientRepositoryError):
-    """A transient S3 failure; `code` is S3's error code (or the botocore exception's name)."""
-
-
-class S3PermanentError(PermanentRepositoryError):
-    """A permanent S3 failure (needs an operator); `code` as above."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +257,7 @@ class S3Repository:
                 try:
                     await self._call("AbortMultipartUpload", u["Key"], client.abort_multipart_upload(
                         Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
-                except S3TransientError as e:
+                except TransientRepositoryError as e:
                     if e.code != "NoSuchUpload":
                         raise
                 aborted.append(u["UploadId"])
@@ -288,8 +280,8 @@ class S3Repository:
         if isinstance(e, s3io.S3NotFoundError):
             return PackageNotFoundError(f"no package {where}")
         if e.code in ("PreconditionFailed", "412"):
-            return S3TransientError(f"s3 {op} {where}: the object changed while it was being read", e.code)
-        return (S3TransientError if e.transient else S3PermanentError)(str(e), e.code)
+            return TransientRepositoryError(f"s3 {op} {where}: the object changed while it was being read", e.code)
+        return (TransientRepositoryError if e.transient else PermanentRepositoryError)(str(e), e.code)
 
     def location(self, key: str) -> str:
         return self._where(self.object_key(key))
@@ -399,8 +391,8 @@ class S3Repository:
         info = await self._read_call("HeadObject", okey, client.head_object(Bucket=self.bucket, Key=okey))
         etag = self._etags.get(okey) or str(info["ETag"])
         if str(info["ETag"]) != etag:
-            raise S3TransientError(f"s3 HeadObject {self._where(okey)}: the object changed while it was being read",
-                                   "PreconditionFailed")
+            raise TransientRepositoryError(
+                f"s3 HeadObject {self._where(okey)}: the object changed while it was being read", "PreconditionFailed")
         args: dict[str, Any] = {k: info[k] for k in _COPIED if info.get(k)}
         if args.get("StorageClass") == "STANDARD":
             del args["StorageClass"]
@@ -440,7 +432,7 @@ class S3Repository:
                         Bucket=self.bucket, Key=okey, Body=data, ContentLength=upload.size,
                         ChecksumAlgorithm="SHA256", ChecksumSHA256=b64, **self._object_args(upload)),
                         body=upload.size)
-                except S3TransientError as e:
+                except TransientRepositoryError as e:
                     if e.code not in _DIGEST_CODES:
                         raise
                     last = e
@@ -451,7 +443,7 @@ class S3Repository:
                 if problem is None:
                     last = None
                     break
-                last = S3TransientError(f"s3 PutObject {self._where(okey)}: {problem}", "ChecksumMismatch")
+                last = TransientRepositoryError(f"s3 PutObject {self._where(okey)}: {problem}", "ChecksumMismatch")
         if last is not None:
             raise last
         return await self._verify(client, upload, okey, b64, None, md5)
@@ -488,25 +480,26 @@ class S3Repository:
         head = await self._call("HeadObject", okey, client.head_object(
             Bucket=self.bucket, Key=okey, ChecksumMode="ENABLED"))
         if head.get("ContentLength") != upload.size:
-            raise S3TransientError(f"s3 verify {where}: holds {head.get('ContentLength')} bytes, "
-                                   f"sent {upload.size}", "SizeMismatch")
+            raise TransientRepositoryError(f"s3 verify {where}: holds {head.get('ContentLength')} bytes, "
+                                           f"sent {upload.size}", "SizeMismatch")
         checked = False
         got = head.get("ChecksumSHA256")
         if got is not None:
             value, dash, count = str(got).partition("-")
             expected = checksum if parts is None else f"{checksum}-{parts}"
             if value != checksum or (dash and count != str(parts)):
-                raise S3TransientError(f"s3 verify {where}: checksum {got}, sent {expected}", "ChecksumMismatch")
+                raise TransientRepositoryError(f"s3 verify {where}: checksum {got}, sent {expected}",
+                                               "ChecksumMismatch")
             checked = True
         if md5_etag is not None and self._etag_is_md5(head):
             etag = str(head.get("ETag") or "").strip('"')
             if etag != md5_etag:
-                raise S3TransientError(f"s3 verify {where}: ETag {etag}, the bytes sent give {md5_etag}",
-                                       "ChecksumMismatch")
+                raise TransientRepositoryError(f"s3 verify {where}: ETag {etag}, the bytes sent give {md5_etag}",
+                                               "ChecksumMismatch")
             checked = True
         if not checked:
-            raise S3PermanentError(f"s3 verify {where}: the repository reports neither a SHA-256 checksum nor "
-                                   "an MD5 ETag, so the object cannot be verified", "Unverifiable")
+            raise PermanentRepositoryError(f"s3 verify {where}: the repository reports neither a SHA-256 checksum nor "
+                                           "an MD5 ETag, so the object cannot be verified", "Unverifiable")
         return Receipt(upload.size, upload.sha256)
 
     async def _get_client(self) -> Any:
@@ -557,7 +550,7 @@ class _Multipart:
             _check_sealed_hash(up, full)
             try:
                 return await self._verify(parts)
-            except S3TransientError as e:
+            except TransientRepositoryError as e:
                 if e.code not in _MISMATCH_CODES:
                     raise
             state = None  # not there, or not these bytes: upload again
@@ -566,7 +559,7 @@ class _Multipart:
             self.state = state
             try:
                 listed = await self._list_parts()
-            except S3TransientError as e:
+            except TransientRepositoryError as e:
                 if e.code != "NoSuchUpload":
                     raise
                 state = None  # aborted or expired: start over
@@ -579,7 +572,7 @@ class _Multipart:
             _check_sealed_hash(up, full)
         try:
             await self._requests().complete([s3io.Part(p.number, p.etag, p.b64, p.size) for p in parts])
-        except S3TransientError as e:
+        except TransientRepositoryError as e:
             if e.code in ("InvalidPart", "InvalidPartOrder"):
                 await self._save({})  # a part the store no longer has: start over next time
                 raise
@@ -589,7 +582,7 @@ class _Multipart:
         await self._save({**self.state, "completed": True})
         try:
             return await self._verify(parts)
-        except S3TransientError as e:
+        except TransientRepositoryError as e:
             if e.code in _MISMATCH_CODES:
                 await self._save({})  # the object is not what was sent: a fresh upload next time
             raise
@@ -702,14 +695,14 @@ class _Multipart:
                     raise PermanentRepositoryError(f"spool file {up.path} changed while part {n} was uploaded")
             try:
                 resp = await self._requests().upload_part(n, buf, length, b64)
-            except S3TransientError as e:
+            except TransientRepositoryError as e:
                 if e.code not in _DIGEST_CODES:
                     raise
                 last = e
                 continue
             problem = repo._echo_problem(resp, b64, md5)
             if problem is not None:
-                last = S3TransientError(f"s3 UploadPart {self.where} part {n}: {problem}", "ChecksumMismatch")
+                last = TransientRepositoryError(f"s3 UploadPart {self.where} part {n}: {problem}", "ChecksumMismatch")
                 continue
             del buf
             part = _Part(n, str(resp["ETag"]), digest, md5, length)
@@ -806,8 +799,8 @@ def _digests(buf: io.BytesIO, want_md5: bool) -> tuple[bytes, str | None]:
 def _repository_error(e: s3io.S3Error) -> RepositoryError:
     """The delivery side's reading of a plumbing.s3 error: its class decides retry or quarantine."""
     if isinstance(e, s3io.S3NotFoundError) and e.code != "NoSuchBucket":
-        return S3TransientError(str(e), "NoSuchKey")  # HEAD of an object that is not (yet) there: send it again
-    return (S3TransientError if e.transient else S3PermanentError)(str(e), e.code)
+        return TransientRepositoryError(str(e), "NoSuchKey")  # HEAD of an object that is not (yet) there: send it again
+    return (TransientRepositoryError if e.transient else PermanentRepositoryError)(str(e), e.code)
 
 
 def _most_telling(eg: BaseExceptionGroup[Any]) -> BaseException:
