@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mediaseal.plumbing.locations import LocationError, RepositoryURL, parse_repository_url
+from mediaseal.plumbing.locations import RepositoryURL
 from mediaseal.uploader.base import (
     HeaderRewriter,
     PackageNotFoundError,
@@ -18,6 +18,7 @@ from mediaseal.uploader.base import (
     TransientRepositoryError,
     Upload,
     repository_key,
+    repository_location,
 )
 from mediaseal.uploader.breaker import CircuitBreaker
 from mediaseal.uploader.filesystem import FilesystemRepository
@@ -30,11 +31,7 @@ __all__ = [
 
 
 def _open(url: str, options: dict[str, Any], *, reading: bool) -> ReadableRepository:
-    try:
-        where = parse_repository_url(url)
-    except LocationError as e:
-        raise PermanentRepositoryError(str(e)) from None
-    return open_location(where, options, reading=reading)
+    return open_location(repository_location(url), options, reading=reading)
 
 
 def open_location(where: RepositoryURL, options: dict[str, Any], *, reading: bool) -> ReadableRepository:

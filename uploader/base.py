@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from mediaseal.plumbing.locations import LocationError, RepositoryKey
+from mediaseal.plumbing.locations import LocationError, RepositoryKey, RepositoryURL, parse_repository_url
 
 
 class RepositoryError(Exception):
@@ -141,6 +141,14 @@ class HeaderRewriter(Protocol):
 
 class ReadableRepository(Repository, PackageReader, HeaderRewriter, Protocol):
     """What both repositories are: they deliver, read back and rewrite headers."""
+
+
+def repository_location(url: str) -> RepositoryURL:
+    """plumbing.locations.parse_repository_url, its LocationError as a PermanentRepositoryError."""
+    try:
+        return parse_repository_url(url)
+    except LocationError as e:
+        raise PermanentRepositoryError(str(e)) from None
 
 
 def check_range(offset: int, length: int, block: int = 1) -> None:

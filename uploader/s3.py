@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mediaseal.plumbing import s3 as s3io
-from mediaseal.plumbing.locations import SUFFIX, LocationError, RepositoryURL, parse_repository_url
+from mediaseal.plumbing.locations import SUFFIX, LocationError, RepositoryURL
 from mediaseal.uploader.base import (
     PackageNotFoundError,
     PermanentRepositoryError,
@@ -71,6 +71,7 @@ from mediaseal.uploader.base import (
     Upload,
     check_range,
     read_all,
+    repository_location,
 )
 
 __all__ = [
@@ -140,10 +141,7 @@ class S3Options:
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` -> ("bucket", "some/prefix") (plumbing.locations); the prefix may be empty."""
-    try:
-        where = parse_repository_url(url)
-    except LocationError as e:
-        raise PermanentRepositoryError(str(e)) from None
+    where = repository_location(url)
     if where.scheme != "s3":
         raise PermanentRepositoryError(f"not an s3://bucket/prefix url: {url!r}")
     return where.bucket, where.prefix
