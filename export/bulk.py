@@ -511,7 +511,10 @@ class _Dest:
         self.opts = opts
         self.settings = s3io.ClientSettings(endpoint_url=opts.endpoint_url, retries=s3io.COMMAND,
                                             max_pool_connections=max(10, 2 * opts.concurrency))
-        self._client = s3io.LazyClient(self.settings)
+        try:
+            self._client = s3io.LazyClient(self.settings)
+        except s3io.S3Error as e:
+            raise ExportError(f"destination {opts.dest}: {e}") from None
 
     def key(self, day_path: str, name: str) -> str:
         return f"{self.prefix}/{day_path}/{name}" if self.prefix else f"{day_path}/{name}"

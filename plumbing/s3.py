@@ -50,7 +50,7 @@ from typing import Any, Literal, Protocol, TypeVar
 __all__ = [
     "AGENT", "COMMAND", "ClientSettings", "LazyClient", "MultipartUpload", "Part", "Retries", "S3AccessDeniedError",
     "S3Bucket", "S3Error", "S3NotFoundError", "S3PermanentError", "S3TransientError", "StreamingUpload", "b64",
-    "client_config", "errors", "open_client", "sse_args", "translate",
+    "client_config", "errors", "make_session", "open_client", "sse_args", "translate",
 ]
 
 T = TypeVar("T")
@@ -101,19 +101,25 @@ def client_config(s: ClientSettings) -> Any:
                      s3=s3cfg)
 
 
-def _session(s: ClientSettings) -> Any:
+def make_session(s: ClientSettings) -> Any:
+    """The aioboto3 session for `s` (profile, region); a missing profile or bad config raises S3Error.
+    It loads botocore's data (a noticeable fraction of a second): long-lived users make it up front."""
     import aioboto3
 
-    return aioboto3.Session(profile_name=s.profile, region_name=s.region)
+    try:
+        return aioboto3.Session(profile_name=s.profile, region_name=s.region)
+    except Exception as e:  # botocore's ProfileNotFound, ConfigParseError, ...
+        raise translate("configure", s.profile or "the AWS configuration", e) from None
 
 
 @contextlib.asynccontextmanager
 async def open_client(s: ClientSettings, service: Literal["s3", "kms"] = "s3", *,
-                      region: str | None = None) -> AsyncIterator[Any]:
+                      region: str | None = None, session: Any = None) -> AsyncIterator[Any]:
     """A client for one use; set-up failures (bad profile, malformed endpoint) raise S3Error.
-    `region` is a fallback for when neither the settings nor the environment name one (KMS: the key ARN's)."""
+    `region` is a fallback for when neither the settings nor the environment name one (KMS: the key ARN's);
+    `session` one made by make_session (else one is made here)."""
+    session = session if session is not None else make_session(s)
     try:
-        session = _session(s)
         name = s.region or session.region_name or region
         cm = session.client(service, endpoint_url=s.endpoint_url, region_name=name, config=client_config(s))
     except Exception as e:  # botocore errors, and ValueError for a malformed endpoint url
@@ -136,6 +142,7 @@ class LazyClient:
 
     def __init__(self, settings: ClientSettings, service: Literal["s3", "kms"] = "s3") -> None:
         self.settings, self.service = settings, service
+        self._session = make_session(settings)  # now: a bad profile fails at construction, not mid-delivery
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
@@ -146,7 +153,8 @@ class LazyClient:
         async with self._lock:
             if self._client is None:
                 stack = contextlib.AsyncExitStack()
-                self._client = await stack.enter_async_context(open_client(self.settings, self.service))
+                self._client = await stack.enter_async_context(
+                    open_client(self.settings, self.service, session=self._session))
                 self._stack = stack
         return self._client
 

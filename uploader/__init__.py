@@ -42,7 +42,7 @@ def open_location(where: RepositoryURL, options: dict[str, Any], *, reading: boo
     import dataclasses
 
     from mediaseal.plumbing import s3 as s3io
-    from mediaseal.uploader.s3 import S3Options, S3Repository  # imports aioboto3: only when S3 is used
+    from mediaseal.uploader.s3 import S3Options, S3Repository  # aioboto3 is imported on first use of S3
 
     known = {f.name for f in dataclasses.fields(S3Options)}
     unknown = sorted(set(options) - known)

@@ -188,7 +188,10 @@ class S3Repository:
             endpoint_url=o.endpoint_url, region=o.region, profile=o.profile, connect_timeout=o.connect_timeout,
             read_timeout=o.read_timeout, retries=retries, addressing_style=o.addressing_style,
             max_pool_connections=max(10, 2 * o.concurrency), payload_signing=False)
-        self._client = s3io.LazyClient(self.settings)
+        try:
+            self._client = s3io.LazyClient(self.settings)
+        except s3io.S3Error as e:
+            raise _repository_error(e) from None
         self._requests = s3io.S3Bucket(None, bucket, settings=self.settings, min_send_rate=o.min_send_rate)
         self._slots = asyncio.Semaphore(self.options.concurrency)
         self._want_md5 = self.options.verify_etag and self.options.sse != "aws:kms"
