@@ -28,7 +28,7 @@ from mediaseal.agent.config import KeysConfig
 from mediaseal.keys.errors import KeysError
 from mediaseal.keys.keyring import Keyring
 from mediaseal.keys.keyset import KeySet, load_signer
-from mediaseal.keys.sources import KeySetFollower, open_source
+from mediaseal.keys.sources import KeySetFollower, open_keyset_source
 
 log = logging.getLogger("mediaseal.keys")
 
@@ -60,7 +60,7 @@ class PublicKeys:
         assert self.config.signer is not None
         signer = load_signer(Path(self.config.signer).read_bytes())
         try:
-            source = open_source(self.config.keyset, ca_bundle=self.config.ca_bundle)
+            source = open_keyset_source(self.config.keyset, ca_bundle=self.config.ca_bundle)
         except ValueError as e:
             raise NoValidKeyError(str(e)) from None
         follower = KeySetFollower(source, signer, cache=self.cache)

@@ -34,8 +34,8 @@ import s3_support
 from agent_harness import PASSPHRASE, make_keyring
 
 from mediaseal.export.playback import RemotePackage
-from mediaseal.export.source import FileSource
 from mediaseal.keys.keyring import Keyring
+from mediaseal.uploader import FilesystemRepository
 
 RECORDINGS = 10
 REC_SIZE = int(os.environ.get("MEDIASEAL_BENCH_EXPORT_MB", "4")) * MiB
@@ -205,12 +205,12 @@ def test_playback_first_open_ttfb(benchmark: Any, ring: Any, big_package: Any) -
 
     async def first_bytes(offsets: list[tuple[int, int]]) -> None:
         for off, _ in offsets:
-            pkg = await RemotePackage.open(FileSource(root), key, unwrapper)
+            pkg = await RemotePackage.open(FilesystemRepository(root), key, unwrapper)
             async for piece in pkg.iter_range(off, SEEK_LENGTH):
                 assert piece
                 break
 
-    probe = asyncio.run(RemotePackage.open(FileSource(root), key, unwrapper))
+    probe = asyncio.run(RemotePackage.open(FilesystemRepository(root), key, unwrapper))
     offsets = _offsets(probe, OPENS, 1)
 
     def baseline() -> None:
@@ -240,7 +240,7 @@ def test_playback_seek_ttfb(benchmark: Any, ring: Any, big_package: Any) -> None
                 break
 
     async def opened() -> RemotePackage:
-        return await RemotePackage.open(FileSource(root), key, unwrapper)
+        return await RemotePackage.open(FilesystemRepository(root), key, unwrapper)
 
     state["pkg"] = asyncio.run(opened())
     offsets = _offsets(state["pkg"], SEEKS, 2)

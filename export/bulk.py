@@ -23,8 +23,6 @@ recordings already in flight finish, none is started, and a re-run resumes after
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -45,15 +43,16 @@ from mediaseal.keys.errors import KeysError
 from mediaseal.keys.kms import KmsError
 from mediaseal.keys.lkm.client import LKMClient
 from mediaseal.keys.lkm.errors import KeyServiceUnreachableError, OverloadedError, RateLimitedError, UnavailableError
+from mediaseal.plumbing import s3 as s3io
+from mediaseal.plumbing.locations import LocationError, RepositoryKey, parse_repository_url
 from mediaseal.uploader.base import RepositoryError
-from mediaseal.uploader.s3 import MIN_PART_SIZE, S3Options, parse_s3_url
+from mediaseal.uploader.s3 import MIN_PART_SIZE, S3Options
 
 __all__ = ["ExportError", "ExportOptions", "Failure", "Report", "Selection", "run_export"]
 
 MiB = 1 << 20
 HEAD_READ = 64 * 1024  # the first GET of a package: its header is far smaller
 EXPORT_FORMAT = "mediaseal-export/1"
-_LAYOUT = re.compile(r"(?:^|/)(call|screen|digital|transcript)/(\d{4})/(\d{2})/(\d{2})/([^/]+)\.mseal$")
 _EXT = re.compile(r"[A-Za-z0-9]{1,10}")
 # The key provider failing as a whole, not for one package: the LKM unreachable or out of service (after
 # the client's own retries), KMS refusing or unreachable (a KMS keyring's private keys all sit under one
@@ -495,18 +494,24 @@ class _PlainStream:
 
 
 class _Dest:
-    """The destination bucket: its own aioboto3 client (botocore's standard retries, 3 attempts)."""
+    """The destination bucket: its own client (plumbing.s3.COMMAND retries: a one-shot command)."""
 
     def __init__(self, opts: ExportOptions) -> None:
         try:
-            self.bucket, self.prefix = parse_s3_url(opts.dest)
+            where = parse_repository_url(opts.dest)
+            if where.scheme != "s3":
+                raise LocationError(f"not an s3://bucket/prefix url: {opts.dest!r}")
             S3Options(sse=opts.sse, sse_kms_key_id=opts.sse_kms_key_id)  # validates the combination
-        except RepositoryError as e:
+        except (LocationError, RepositoryError) as e:
             raise ExportError(str(e)) from None
+        self.bucket, self.prefix = where.bucket, where.prefix
         self.opts = opts
-        self._client: Any = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._lock = asyncio.Lock()
+        self.settings = s3io.ClientSettings(endpoint_url=opts.endpoint_url, retries=s3io.COMMAND,
+                                            max_pool_connections=max(10, 2 * opts.concurrency))
+        try:
+            self._client = s3io.LazyClient(self.settings)
+        except s3io.S3Error as e:
+            raise ExportError(f"destination {opts.dest}: {e}") from None
 
     def key(self, day_path: str, name: str) -> str:
         return f"{self.prefix}/{day_path}/{name}" if self.prefix else f"{day_path}/{name}"
@@ -515,49 +520,24 @@ class _Dest:
         return f"s3://{self.bucket}/{key}"
 
     def sse_args(self) -> dict[str, str]:
-        args: dict[str, str] = {}
-        if self.opts.sse:
-            args["ServerSideEncryption"] = self.opts.sse
-        if self.opts.sse_kms_key_id:
-            args["SSEKMSKeyId"] = self.opts.sse_kms_key_id
-        return args
+        return s3io.sse_args(self.opts.sse, self.opts.sse_kms_key_id)
 
-    async def client(self) -> Any:
-        async with self._lock:
-            if self._client is None:
-                import aioboto3
-                from aiobotocore.config import AioConfig
-
-                config = AioConfig(retries={"total_max_attempts": 3, "mode": "standard"},
-                                   max_pool_connections=max(10, 2 * self.opts.concurrency),
-                                   request_checksum_calculation="when_required",
-                                   response_checksum_validation="when_required")
-                stack = contextlib.AsyncExitStack()
-                try:
-                    self._client = await stack.enter_async_context(
-                        aioboto3.Session().client("s3", endpoint_url=self.opts.endpoint_url, config=config))
-                except Exception as e:
-                    await stack.aclose()
-                    raise ExportError(f"destination {self.opts.dest}: {e}") from None
-                self._stack = stack
-            return self._client
+    async def target(self) -> s3io.S3Bucket:
+        try:
+            return s3io.S3Bucket(await self._client.get(), self.bucket, settings=self.settings)
+        except s3io.S3Error as e:
+            raise ExportError(f"destination {self.opts.dest}: {e}") from None
 
     async def call(self, op: str, key: str, fn: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+        b = await self.target()
         try:
-            return await fn(Bucket=self.bucket, **kwargs)
-        except ClientError as e:
-            err = e.response.get("Error", {}) or {}
-            code, msg = str(err.get("Code") or ""), str(err.get("Message") or "").strip()
-            raise ExportError(f"s3 {op} {self.url_of(key)}: {code}" + (f" ({msg})" if msg and msg != code else ""),
-                              ) from None
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise ExportError(f"s3 {op} {self.url_of(key)}: {e}") from None
+            return await b.call(op, key, fn(Bucket=self.bucket, **kwargs))
+        except s3io.S3Error as e:
+            raise ExportError(str(e)) from None
 
     async def check(self) -> None:
         """The destination bucket exists and answers (before any recording is read)."""
-        c = await self.client()
+        c = (await self.target()).client
         try:
             await self.call("HeadBucket", "", c.head_bucket)
         except ExportError as e:
@@ -567,19 +547,15 @@ class _Dest:
 
     async def exported(self, meta_key: str, obj: SourceObject, fingerprint: str | None) -> bool:
         """True when a metadata object says this very package was exported (and its data object is there)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        c = await self.client()
+        b = await self.target()
         try:
-            resp = await c.get_object(Bucket=self.bucket, Key=meta_key)
+            resp = await b.call("GetObject", meta_key, b.client.get_object(Bucket=self.bucket, Key=meta_key))
             async with resp["Body"] as body:
-                doc = json.loads(await body.read())
-        except ClientError as e:
-            if (e.response.get("Error", {}) or {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return False
-            raise ExportError(f"s3 GetObject {self.url_of(meta_key)}: {e}") from None
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise ExportError(f"s3 GetObject {self.url_of(meta_key)}: {e}") from None
+                doc = json.loads(await b.call("GetObject", meta_key, body.read()))
+        except s3io.S3NotFoundError:
+            return False
+        except s3io.S3Error as e:
+            raise ExportError(str(e)) from None
         except ValueError:
             return False  # not ours, or damaged: export again (same keys: overwritten)
         try:
@@ -592,23 +568,22 @@ class _Dest:
         if not same:
             return False
         try:
-            head = await c.head_object(Bucket=self.bucket, Key=data_key)
-        except (ClientError, BotoCoreError, OSError, TimeoutError):
+            head = await b.call("HeadObject", data_key, b.client.head_object(Bucket=self.bucket, Key=data_key))
+        except s3io.S3Error:
             return False
         return int(head.get("ContentLength", -1)) == size
 
     async def put_small(self, key: str, data: bytes, content_type: str) -> str:
-        c = await self.client()
-        b64 = _b64(hashlib.sha256(data).digest())
-        resp = await self.call("PutObject", key, c.put_object, Key=key, Body=data, ContentType=content_type,
-                               ChecksumAlgorithm="SHA256", ChecksumSHA256=b64, **self.sse_args())
-        echoed = resp.get("ChecksumSHA256")
-        if echoed is not None and echoed != b64:
-            raise ExportError(f"s3 PutObject {self.url_of(key)}: the store computed SHA-256 {echoed}, sent {b64}")
-        return b64
+        up = s3io.StreamingUpload(await self.target(), key, max(len(data) + 1, MIN_PART_SIZE),
+                                  {"ContentType": content_type, **self.sse_args()})
+        try:
+            await up.write(data)
+            return (await up.finish())[1]
+        except s3io.S3Error as e:
+            raise ExportError(str(e)) from None
 
     async def verify(self, key: str, size: int, checksum: str) -> None:
-        c = await self.client()
+        c = (await self.target()).client
         head = await self.call("HeadObject", key, c.head_object, Key=key, ChecksumMode="ENABLED")
         where = self.url_of(key)
         if head.get("ContentLength") != size:
@@ -623,89 +598,54 @@ class _Dest:
                               f"asked for {self.opts.sse}")
 
     async def close(self) -> None:
-        async with self._lock:
-            stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        await self._client.close()
 
 
 class _Upload:
-    """One object written as a stream: a single PutObject if it stays under one part, else multipart
-    (SHA-256 per part). Nothing exists at the key until `finish`; `abort` drops an unfinished upload."""
+    """One object written as a stream (plumbing.s3.StreamingUpload: a single PutObject if it stays under
+    one part, else multipart with SHA-256 per part). Nothing exists at the key until `finish`; `abort`
+    drops an unfinished upload. Errors are ExportErrors."""
 
     def __init__(self, dest: _Dest, key: str, content_type: str, part_size: int) -> None:
         self.dest, self.key, self.content_type, self.part_size = dest, key, content_type, part_size
-        self.buf = bytearray()
-        self.upload_id: str | None = None
-        self.parts: list[dict[str, Any]] = []
-        self.digests: list[bytes] = []
-        self.size = 0
+        self._up: s3io.StreamingUpload | None = None
+
+    async def _stream(self) -> s3io.StreamingUpload:
+        if self._up is None:
+            self._up = s3io.StreamingUpload(await self.dest.target(), self.key, self.part_size,
+                                            {"ContentType": self.content_type, **self.dest.sse_args()})
+        return self._up
 
     async def write(self, data: bytes) -> None:
-        self.buf += data
-        while len(self.buf) >= self.part_size:
-            part = bytes(self.buf[:self.part_size])
-            del self.buf[:self.part_size]
-            await self._send_part(part)
-
-    async def _send_part(self, part: bytes) -> None:
-        c = await self.dest.client()
-        if self.upload_id is None:
-            resp = await self.dest.call("CreateMultipartUpload", self.key, c.create_multipart_upload, Key=self.key,
-                                        ContentType=self.content_type, ChecksumAlgorithm="SHA256",
-                                        **self.dest.sse_args())
-            self.upload_id = str(resp["UploadId"])
-        digest = hashlib.sha256(part).digest()
-        n = len(self.parts) + 1
-        resp = await self.dest.call("UploadPart", self.key, c.upload_part, Key=self.key, UploadId=self.upload_id,
-                                    PartNumber=n, Body=part, ChecksumSHA256=_b64(digest))
-        self.parts.append({"PartNumber": n, "ETag": resp["ETag"], "ChecksumSHA256": _b64(digest)})
-        self.digests.append(digest)
-        self.size += len(part)
+        up = await self._stream()
+        try:
+            await up.write(data)
+        except s3io.S3Error as e:
+            raise ExportError(str(e)) from None
 
     async def finish(self) -> tuple[int, str]:
         """(bytes stored, the checksum S3 should report: base64 SHA-256, or the composite `...-N`)."""
-        if self.upload_id is None:
-            data = bytes(self.buf)
-            self.buf.clear()
-            return len(data), await self.dest.put_small(self.key, data, self.content_type)
-        if self.buf:
-            await self._send_part(bytes(self.buf))
-            self.buf.clear()
-        c = await self.dest.client()
-        await self.dest.call("CompleteMultipartUpload", self.key, c.complete_multipart_upload, Key=self.key,
-                             UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
-        composite = _b64(hashlib.sha256(b"".join(self.digests)).digest())
-        self.upload_id = None
-        return self.size, f"{composite}-{len(self.parts)}"
+        up = await self._stream()
+        try:
+            return await up.finish()
+        except s3io.S3Error as e:
+            raise ExportError(str(e)) from None
 
     async def abort(self) -> None:
-        if self.upload_id is None:
-            return
-        upload_id, self.upload_id = self.upload_id, None
-        with contextlib.suppress(Exception):
-            c = await self.dest.client()
-            await c.abort_multipart_upload(Bucket=self.dest.bucket, Key=self.key, UploadId=upload_id)
+        if self._up is not None:
+            await self._up.abort()
 
 
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode()
-
-
 def _key_facts(key: str) -> tuple[str, dt.date | None, str] | None:
     """(kind, date, recording id) from a key in the agent's layout, else None."""
-    m = _LAYOUT.search(key)
-    if not m:
+    found = RepositoryKey.find(key)
+    if found is None:
         return None
-    kind, y, mo, d, rid = m.groups()
-    try:
-        day: dt.date | None = dt.date(int(y), int(mo), int(d))
-    except ValueError:
-        day = None
-    return kind, day, rid
+    k = found[1]
+    return k.kind, k.date, k.recording_id
 
 
 def _date_of(captured_at: str) -> dt.date | None:

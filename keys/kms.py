@@ -7,9 +7,11 @@
 `KmsProtector` is a `keys.protect.Protector`: `seal` calls KMS Encrypt and `open` calls KMS Decrypt,
 each with an encryption context built from the envelope's associated data (keyring format, purpose
 "kek" or "signer", kid), so an envelope moved to another key or use fails at KMS. Decrypt names the
-key (KeyId), so KMS never decrypts under anything else. Calls go through aioboto3 with the standard
-chain: endpoint from AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL (or `KmsOptions.endpoint_url`),
-credentials from the environment, shared files, SSO or instance/container roles, region from
+key (KeyId), so KMS never decrypts under anything else. Calls go through plumbing.s3's client builder
+(aioboto3; the command retry policy: `max_attempts` attempts in botocore's standard mode, as nothing
+here backs off) and its error translation, with the standard chain: endpoint from
+AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL (or `KmsOptions.endpoint_url`), credentials from the
+environment, shared files, SSO or instance/container roles, region from
 `KmsOptions.region`, AWS_REGION / AWS_DEFAULT_REGION, or the key ARN.
 
 The recovered private key is held in memory by the keyring's unwrapper for at most
@@ -67,11 +69,13 @@ class KmsOptions:
     profile: str | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
-    max_attempts: int = 3
+    max_attempts: int = 3  # in all, the first included (plumbing.s3.COMMAND's figure)
 
     def __post_init__(self) -> None:
         if self.cache_seconds < 0:
             raise ValueError("cache_seconds must be >= 0")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
 
 
 def encryption_context(aad: bytes) -> dict[str, str]:
@@ -139,33 +143,31 @@ class KmsProtector:
         return bytes(resp["Plaintext"])
 
     async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        import aioboto3
-        from aiobotocore.config import AioConfig
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+        from mediaseal.plumbing import s3 as s3io
 
         o = self.options
         target = self.key_arn or self.key_id
-        config = AioConfig(connect_timeout=o.connect_timeout, read_timeout=o.read_timeout,
-                           retries={"max_attempts": o.max_attempts, "mode": "standard"})
-        session = aioboto3.Session(profile_name=o.profile)
-        region = o.region or session.region_name or region_of(target)
+        retries = s3io.COMMAND if o.max_attempts == s3io.COMMAND.total_attempts else \
+            s3io.Retries(o.max_attempts, "KmsOptions.max_attempts")
+        settings = s3io.ClientSettings(endpoint_url=o.endpoint_url, region=o.region, profile=o.profile,
+                                       connect_timeout=o.connect_timeout, read_timeout=o.read_timeout,
+                                       retries=retries)
         try:
-            async with session.client("kms", endpoint_url=o.endpoint_url, region_name=region, config=config) as kms:
-                resp: dict[str, Any] = await getattr(kms, _SNAKE[op])(**kwargs)
+            async with s3io.open_client(settings, "kms", region=region_of(target)) as kms:
+                try:
+                    resp: dict[str, Any] = await getattr(kms, _SNAKE[op])(**kwargs)
+                except s3io.errors() as e:
+                    raise s3io.translate(op, target, e) from None
                 return resp
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code, message = str(err.get("Code", "")), " ".join(str(err.get("Message", "")).split())
-            detail = f"{code}: {message}" if message else code
-            if code in _REFUSALS:
-                raise KmsRefusedError(f"KMS refused {op} with key {target}: {detail}") from None
-            raise KmsUnavailableError(f"KMS {op} with key {target} failed: {detail}") from None
-        except (NoCredentialsError, NoRegionError) as e:
-            raise KmsUnavailableError(f"KMS {op} with key {target}: {e}") from None
-        except BotoCoreError as e:
-            raise KmsUnavailableError(f"KMS unreachable for {op} with key {target}: {e}") from None
-        except (OSError, TimeoutError) as e:
-            raise KmsUnavailableError(f"KMS unreachable for {op} with key {target}: {e}") from None
+        except s3io.S3Error as e:
+            if e.status:  # KMS answered
+                detail = f"{e.code}: {e.detail}" if e.detail else e.code
+                if e.code in _REFUSALS:
+                    raise KmsRefusedError(f"KMS refused {op} with key {target}: {detail}") from None
+                raise KmsUnavailableError(f"KMS {op} with key {target} failed: {detail}") from None
+            if e.code in ("NoCredentialsError", "NoRegionError"):
+                raise KmsUnavailableError(f"KMS {op} with key {target}: {e.detail}") from None
+            raise KmsUnavailableError(f"KMS unreachable for {op} with key {target}: {e.detail}") from None
 
 
 _SNAKE = {"Encrypt": "encrypt", "Decrypt": "decrypt"}

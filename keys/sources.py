@@ -1,14 +1,16 @@
 """Where published key sets come from, and how an agent follows one safely.
 
->>> source = open_source("https://keys.example.net/keyset.json", ca_bundle=Path("/etc/mediaseal/ca.pem"))
+>>> source = open_keyset_source("https://keys.example.net/keyset.json", ca_bundle=Path("/etc/mediaseal/ca.pem"))
 >>> follower = KeySetFollower(source, load_signer(pinned_pem))
 >>> keyset = await follower.refresh()      # verified, or raises and keeps the last valid set
 >>> keyset.recipient()                     # the current public KEK
 
-Sources (`open_source`): a file path, an `https://` URL (system CAs, or a CA bundle file of its own),
-an `s3://bucket/key` object (aioboto3; the standard endpoint, region and credential chain). Each
-fetch sends the validator of the last document (HTTP If-None-Match / S3 IfNoneMatch with its ETag;
-a file's size, mtime and inode) and "not modified" keeps the set in use.
+Sources (`open_keyset_source`): a file path (KeySetFile), an `https://` URL (KeySetHTTPS: system CAs,
+or a CA bundle file of its own), an `s3://bucket/key` object (KeySetS3, through plumbing.s3: the
+standard endpoint, region and credential chain, the command retry policy, its error translation).
+Each fetch sends the validator of the last document (HTTP If-None-Match / S3 IfNoneMatch with its
+ETag; a file's size, mtime and inode) and "not modified" keeps the set in use. (The names say "key
+set" because export.source reads packages, a different thing, from repositories.)
 
 `KeySetFollower.refresh` accepts a document only if, in this order: it is signed by the pinned
 Ed25519 signer (checked before anything in it is read), its format and rules hold (exactly one
@@ -18,9 +20,10 @@ subclass whose class name is the failure's reason, and the last valid set stays 
 Only public keys ever pass through here.
 
 With `cache=PATH` the follower keeps the set in use on disk (the signed document as fetched, 0600,
-written atomically; its mtime is when the source last confirmed it). `restore()` reads it back at
-start: it is checked exactly like a fetched document, and then it is both the key to use while the
-source is down and the floor for the rollback check, so a restart does not forget the serial.
+written atomically through plumbing.durable; its mtime is when the source last confirmed it).
+`restore()` reads it back at start: it is checked exactly like a fetched document, and then it is
+both the key to use while the source is down and the floor for the rollback check, so a restart does
+not forget the serial.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mediaseal.keys.errors import KeySetError, KeySetExpiredError
 from mediaseal.keys.keyset import MAX_DOCUMENT_SIZE, KeySet, format_time, verify_keyset
+from mediaseal.plumbing.durable import write_atomic
+from mediaseal.plumbing.locations import LocationError, parse_s3_object_url
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -71,7 +76,7 @@ class KeySetSource(Protocol):
         ...
 
 
-class FileSource:
+class KeySetFile:
     """A key set file. Its validator is (size, mtime, inode): an atomic replace always changes it."""
 
     def __init__(self, path: Path) -> None:
@@ -98,7 +103,7 @@ class FileSource:
         return Fetched(data, tag)
 
 
-class HttpsSource:
+class KeySetHTTPS:
     """A key set at an https:// URL; `ca_bundle` (PEM) replaces the system CAs for this source."""
 
     def __init__(self, url: str, *, ca_bundle: Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -150,16 +155,16 @@ class HttpsSource:
         return Fetched(data, new_etag)
 
 
-class S3Source:
+class KeySetS3:
     """A key set object `s3://bucket/key`, read with GetObject (IfNoneMatch the last ETag)."""
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None,
                  profile: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        parts = urlsplit(url)
-        key = unquote(parts.path.lstrip("/"))
-        if parts.scheme != "s3" or not parts.netloc or not key:
-            raise ValueError(f"not an s3://bucket/key URL: {url!r}")
-        self.url, self.bucket, self.key = url, parts.netloc, key
+        try:
+            self.bucket, self.key = parse_s3_object_url(url)
+        except LocationError as e:
+            raise ValueError(str(e)) from None
+        self.url = url
         self.endpoint_url, self.region, self.profile, self.timeout = endpoint_url, region, profile, timeout
 
     @property
@@ -167,49 +172,44 @@ class S3Source:
         return self.url
 
     async def fetch(self, etag: str | None) -> Fetched:
-        import aioboto3
-        from aiobotocore.config import AioConfig
-        from botocore.exceptions import BotoCoreError, ClientError
+        from mediaseal.plumbing import s3 as s3io
 
-        config = AioConfig(connect_timeout=min(self.timeout, 5.0), read_timeout=self.timeout,
-                           retries={"max_attempts": 2, "mode": "standard"})
+        settings = s3io.ClientSettings(endpoint_url=self.endpoint_url, region=self.region, profile=self.profile,
+                                       connect_timeout=min(self.timeout, 5.0), read_timeout=self.timeout,
+                                       retries=s3io.COMMAND)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
         if etag is not None:
             args["IfNoneMatch"] = etag
         try:
-            session = aioboto3.Session(profile_name=self.profile)
-            async with session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                                      config=config) as s3:
-                resp = await s3.get_object(**args)
+            async with s3io.open_client(settings) as s3:
+                bucket = s3io.S3Bucket(s3, self.bucket, settings=settings)
+                resp = await bucket.call("GetObject", self.key, s3.get_object(**args))
                 if resp.get("ContentLength", 0) > MAX_DOCUMENT_SIZE:
                     raise KeySetSourceError(f"key set {self.url} is larger than {MAX_DOCUMENT_SIZE} bytes")
                 async with resp["Body"] as body:
-                    data = await body.read()
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if etag is not None and (code in ("304", "NotModified") or status == 304):
+                    data = await bucket.call("GetObject", self.key, body.read())
+        except s3io.S3Error as e:
+            if etag is not None and (e.code in ("304", "NotModified") or e.status == 304):
                 return Fetched(None, etag)
-            raise KeySetSourceError(f"key set {self.url}: {code or status}: {err.get('Message', '')}".rstrip(": "))\
-                from None
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise KeySetSourceError(f"key set {self.url} unreachable: {_one_line(e)}") from None
+            if e.status or not e.transient:  # the store answered (or the configuration is wrong)
+                raise KeySetSourceError(f"key set {self.url}: {e.code or e.status}: {e.detail}".rstrip(": ")) \
+                    from None
+            raise KeySetSourceError(f"key set {self.url} unreachable: {e.detail}") from None
         _check_size(data, self.location)
         return Fetched(data, resp.get("ETag"))
 
 
-def open_source(spec: str, *, ca_bundle: Path | None = None, endpoint_url: str | None = None,
-                timeout: float = DEFAULT_TIMEOUT) -> KeySetSource:
+def open_keyset_source(spec: str, *, ca_bundle: Path | None = None, endpoint_url: str | None = None,
+                       timeout: float = DEFAULT_TIMEOUT) -> KeySetSource:
     """The source for a config's `keyset` value: a file path, https:// URL or s3:// URL."""
     scheme = urlsplit(spec).scheme if "://" in spec else ""
     if scheme == "https":
-        return HttpsSource(spec, ca_bundle=ca_bundle, timeout=timeout)
+        return KeySetHTTPS(spec, ca_bundle=ca_bundle, timeout=timeout)
     if scheme == "s3":
-        return S3Source(spec, endpoint_url=endpoint_url, timeout=timeout)
+        return KeySetS3(spec, endpoint_url=endpoint_url, timeout=timeout)
     if scheme:
         raise ValueError(f"key set source must be a file path, https:// or s3:// URL (got {spec!r})")
-    return FileSource(Path(spec))
+    return KeySetFile(Path(spec))
 
 
 class KeySetFollower:
@@ -247,19 +247,7 @@ class KeySetFollower:
         if self.cache is None:
             return
         self.cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.cache.with_name(f".{self.cache.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.cache)
-        dfd = os.open(self.cache.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.cache, data)
 
     def _confirmed(self) -> None:
         self.confirmed_at = datetime.now(UTC).timestamp()

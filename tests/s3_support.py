@@ -192,6 +192,7 @@ class FaultProxy:
         self.seen: list[Seen] = []
         self._rules: list[Rule] = []
         self._lock = threading.Lock()
+        self._seen_more = threading.Condition(self._lock)  # notified on every request recorded
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -263,6 +264,12 @@ class FaultProxy:
     def count(self, op: str | None = None, action: str | None = None) -> int:
         return len(self.requests(op, action))
 
+    def wait_for(self, op: str, at_least: int, timeout: float = 60.0) -> None:
+        """Block until `at_least` requests of `op` were seen (AssertionError after `timeout` seconds)."""
+        with self._seen_more:
+            if not self._seen_more.wait_for(lambda: sum(s.op == op for s in self.seen) >= at_least, timeout):
+                raise AssertionError(f"fewer than {at_least} {op} requests within {timeout} s")
+
     def forget(self) -> None:
         with self._lock:
             self.seen.clear()
@@ -302,6 +309,7 @@ class FaultProxy:
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self.seen.append(seen)
+            self._seen_more.notify_all()
 
     def _enter(self, op: str) -> None:
         with self._lock:

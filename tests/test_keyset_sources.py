@@ -29,13 +29,13 @@ from mediaseal.keys.jwk import b64url_encode, public_jwk, thumbprint
 from mediaseal.keys.keyring import Keyring
 from mediaseal.keys.keyset import load_signer, signer_id
 from mediaseal.keys.sources import (
-    FileSource,
-    HttpsSource,
+    KeySetFile,
     KeySetFollower,
+    KeySetHTTPS,
     KeySetRollbackError,
+    KeySetS3,
     KeySetSourceError,
-    S3Source,
-    open_source,
+    open_keyset_source,
 )
 
 
@@ -92,7 +92,7 @@ def tampered(document: bytes) -> bytes:
 async def test_https_source_etag_rotation_tamper_and_rollback(server, ca, ring) -> None:
     first = ring.publish(None)
     server.document = first
-    follower = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer)
+    follower = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer)
     ks1 = await follower.refresh()
     assert ks1.current == ring.current().kid and ks1.serial == 1
     assert follower.etag == KeySetServer.etag_of(first)
@@ -125,7 +125,7 @@ async def test_https_source_etag_rotation_tamper_and_rollback(server, ca, ring) 
 
 async def test_https_source_needs_the_ca_bundle(server, ring) -> None:
     server.document = ring.publish(None)
-    follower = KeySetFollower(HttpsSource(server.url), ring.signer)  # system CAs don't know the test CA
+    follower = KeySetFollower(KeySetHTTPS(server.url), ring.signer)  # system CAs don't know the test CA
     with pytest.raises(KeySetSourceError, match="certificate"):
         await follower.refresh()
     assert follower.keyset is None and server.hits == 0
@@ -139,7 +139,7 @@ async def test_https_source_down_is_one_plain_line(ca) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(KeySetSourceError) as e:
-        await HttpsSource(f"https://127.0.0.1:{port}/keyset.json", ca_bundle=ca.ca_pem).fetch(None)
+        await KeySetHTTPS(f"https://127.0.0.1:{port}/keyset.json", ca_bundle=ca.ca_pem).fetch(None)
     text = str(e.value)
     assert f"unreachable: cannot connect to 127.0.0.1:{port}: " in text and "object at 0x" not in text, text
     assert "\n" not in text
@@ -148,7 +148,7 @@ async def test_https_source_down_is_one_plain_line(ca) -> None:
 async def test_rejected_documents(server, ca, ring) -> None:
     """Bad signature, unknown format, no current key, a non-RSA-3072 current key: each refused, old set kept."""
     signer = ed25519.Ed25519PrivateKey.generate()
-    follower = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), signer.public_key())
+    follower = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), signer.public_key())
     kek = ring.public_key(ring.current().kid)
     small = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
 
@@ -258,8 +258,8 @@ async def test_agent_keysource_says_stale_while_idle(server, ca, ring, tmp_path)
 async def test_file_source_validator(tmp_path, ring) -> None:
     path = tmp_path / "keyset.json"
     path.write_bytes(ring.publish(None))
-    source = open_source(str(path))
-    assert isinstance(source, FileSource)
+    source = open_keyset_source(str(path))
+    assert isinstance(source, KeySetFile)
     first = await source.fetch(None)
     assert first.data is not None and first.etag
     assert (await source.fetch(first.etag)).data is None
@@ -268,7 +268,7 @@ async def test_file_source_validator(tmp_path, ring) -> None:
     os.replace(tmp, path)
     assert (await source.fetch(first.etag)).data is not None
     with pytest.raises(KeySetSourceError, match="can't read"):
-        await FileSource(tmp_path / "missing.json").fetch(None)
+        await KeySetFile(tmp_path / "missing.json").fetch(None)
 
 
 async def test_s3_source_against_moto(moto_server, ring) -> None:
@@ -278,8 +278,8 @@ async def test_s3_source_against_moto(moto_server, ring) -> None:
     s3 = s3_support.boto3_client(moto_server.url)
     first = ring.publish(None)
     s3.put_object(Bucket=bucket, Key="keys/keyset.json", Body=first)
-    source = open_source(f"s3://{bucket}/keys/keyset.json", endpoint_url=moto_server.url)
-    assert isinstance(source, S3Source)
+    source = open_keyset_source(f"s3://{bucket}/keys/keyset.json", endpoint_url=moto_server.url)
+    assert isinstance(source, KeySetS3)
     follower = KeySetFollower(source, load_signer(ring.signer_pem()))
     ks1 = await follower.refresh()
     assert ks1.serial == 1 and follower.etag == '"' + hashlib.md5(first).hexdigest() + '"'
@@ -298,16 +298,16 @@ async def test_s3_source_against_moto(moto_server, ring) -> None:
     with pytest.raises(KeySetRollbackError):
         await follower.refresh()
     with pytest.raises(KeySetSourceError, match="NoSuchKey"):
-        await KeySetFollower(S3Source(f"s3://{bucket}/nope.json", endpoint_url=moto_server.url),
+        await KeySetFollower(KeySetS3(f"s3://{bucket}/nope.json", endpoint_url=moto_server.url),
                              ring.signer).refresh()
     assert follower.keyset is ks2
 
 
 def test_open_source_rejects_other_schemes() -> None:
     with pytest.raises(ValueError, match="https:// or s3://"):
-        open_source("http://example.net/keyset.json")
-    assert isinstance(open_source("/etc/mediaseal/keyset.json"), FileSource)
-    assert isinstance(open_source("https://keys.example.net/ks.json", ca_bundle=Path("/ca.pem")), HttpsSource)
+        open_keyset_source("http://example.net/keyset.json")
+    assert isinstance(open_keyset_source("/etc/mediaseal/keyset.json"), KeySetFile)
+    assert isinstance(open_keyset_source("https://keys.example.net/ks.json", ca_bundle=Path("/ca.pem")), KeySetHTTPS)
 
 
 # -- the saved copy (a restart remembers the set and its serial) ------------------------------------------
@@ -319,14 +319,14 @@ async def test_saved_key_set_survives_a_restart_with_its_serial(server, ca, ring
     ring.rotate(None)
     second = ring.publish(None)
     server.document = second
-    follower = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
+    follower = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
     assert follower.restore() is None  # nothing saved yet
     ks2 = await follower.refresh()
     assert cache.read_bytes() == second and cache.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in cache.parent.iterdir()] == ["keyset.json"]  # no temp file left
 
     # A restart: a new follower over the same cache knows serial 2 before fetching anything ...
-    again = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
+    again = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
     restored = again.restore()
     assert restored is not None and restored.serial == ks2.serial and restored.current == ks2.current
     assert again.confirmed_at is not None and abs(again.confirmed_at - cache.stat().st_mtime) < 1
@@ -339,7 +339,7 @@ async def test_saved_key_set_survives_a_restart_with_its_serial(server, ca, ring
 async def test_a_tampered_saved_key_set_is_refused_and_replaced(server, ca, ring, tmp_path) -> None:
     cache = tmp_path / "keyset.json"
     cache.write_bytes(tampered(ring.publish(None)))
-    follower = KeySetFollower(HttpsSource(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
+    follower = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache)
     with pytest.raises(BadSignatureError):
         follower.restore()
     assert follower.keyset is None

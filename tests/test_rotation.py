@@ -21,6 +21,7 @@ from test_keyset_sources import tampered
 
 import mediaseal.keys.keyring
 from mediaseal import codec
+from mediaseal.export.rewrap import retire_key, rewrap_repository
 from mediaseal.keys.errors import KeyStateError
 from mediaseal.keys.jwk import thumbprint
 from mediaseal.keys.keyring import Keyring, RotationSchedule
@@ -29,8 +30,6 @@ from mediaseal.keys.rotation import (
     KeyInUseError,
     add_period,
     next_rotation,
-    retire_key,
-    rewrap_repository,
     rotate_if_due,
 )
 

@@ -484,7 +484,9 @@ async def test_breaker_lets_one_probe_through_per_interval(fault_proxy: FaultPro
     outage = fault_proxy.fail(503, when=lambda r: r.op == "PutObject")
     try:
         tasks = [asyncio.create_task(deliver(i)) for i in range(callers)]
-        await asyncio.sleep(2.0)
+        # Until four probes have been paced through (an event, not a fixed time: a loaded host is slow
+        # to make the client and send the first requests, and a fixed wait would then see too few).
+        await asyncio.to_thread(fault_proxy.wait_for, "PutObject", callers + 4, 60.0)
         during = fault_proxy.requests("PutObject")
         assert breaker.state in ("open", "probing")
         fault_proxy.clear()

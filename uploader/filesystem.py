@@ -5,18 +5,40 @@ identity: the repository holds the very inode that was sealed and fsynced, so no
 (`needs_digest` is False). Elsewhere, the same confirm contract as S3: the package is copied to a temp
 name, SHA-256 computed over exactly the bytes written, fsynced, renamed into place, directory fsynced;
 the receipt carries that size and hash, which must equal the digest the agent computed beforehand.
+Every fsync goes through plumbing.durable: a failed one is DurabilityError (never retried), which the
+agent turns into its documented stop.
+
+Reads (the PackageReader side: playback, export, re-wrap) are `pread` in a worker thread; keys are
+plain relative keys (plumbing.locations.check_relative_key). `rewrite_head` replaces a package's header
+durably (a temp file beside it, body copied byte for byte, fsync, rename, fsync the directory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import hashlib
 import os
+import shutil
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
 from pathlib import Path
 
-from mediaseal.uploader.base import PermanentRepositoryError, Receipt, TransientRepositoryError, Upload
+from mediaseal.plumbing.durable import atomic_open, fsync, fsync_dir, write_all
+from mediaseal.plumbing.locations import SUFFIX, LocationError, check_relative_key
+from mediaseal.uploader.base import (
+    PackageNotFoundError,
+    PermanentRepositoryError,
+    Receipt,
+    RepositoryError,
+    StoredObject,
+    TransientRepositoryError,
+    Upload,
+    check_range,
+    read_all,
+)
 
 _BLOCK = 1 << 20
 # Errors an operator must fix (they won't pass by waiting); everything else is retried.
@@ -33,6 +55,10 @@ class FilesystemRepository:
         self.root = root
         self.link = link
         self._cannot_link = False  # a link failed (EXDEV, EPERM...): copies from now on
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.root}"
 
     def needs_digest(self, path: Path) -> bool:
         """False when `path` can be hard-linked here (same filesystem): identity confirms it."""
@@ -82,11 +108,11 @@ class FilesystemRepository:
                     open(os.open(tmp, flags, 0o600), "wb", buffering=0) as dst:
                 while n := src.readinto(buf):
                     sha.update(buf[:n])
-                    dst.write(buf[:n])
+                    write_all(dst.fileno(), buf[:n])
                     size += n
-                os.fsync(dst.fileno())
+                fsync(dst.fileno(), tmp)
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             return Receipt(size, sha.hexdigest())
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -116,7 +142,7 @@ class FilesystemRepository:
                 # A replay after a crash between the rename and the manifest update: the repository
                 # holds this very inode already. (Renaming another link of the same inode onto it
                 # would do nothing at all, and leave the temp name behind.)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 return Receipt(there.st_size, upload.sha256) if there.st_size == upload.size else None
         try:
             os.link(upload.path, tmp)
@@ -129,8 +155,99 @@ class FilesystemRepository:
             tmp.unlink()
             raise TransientRepositoryError(f"linked package {tmp} is not the spool's ({held.st_size} B)")
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return Receipt(held.st_size, upload.sha256)
+
+    # -- the read side -----------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        try:
+            return self.root / check_relative_key(key)
+        except LocationError as e:
+            raise PermanentRepositoryError(str(e)) from None
+
+    def location(self, key: str) -> str:
+        return str(self.path(key))
+
+    def _read_error(self, key: str, p: Path, e: OSError) -> RepositoryError:
+        if isinstance(e, (FileNotFoundError, NotADirectoryError)):  # no such key, or a key below a file
+            return PackageNotFoundError(f"no package {self.url}/{key}")
+        cls = PermanentRepositoryError if e.errno in _PERMANENT else TransientRepositoryError
+        return cls(f"cannot read {p}: {e.strerror}")
+
+    async def size(self, key: str) -> int:
+        p = self.path(key)
+        try:
+            st = await asyncio.to_thread(os.stat, p)
+        except OSError as e:
+            raise self._read_error(key, p, e) from None
+        if not os.path.isfile(p):
+            raise PackageNotFoundError(f"no package {self.url}/{key} (not a file)")
+        return st.st_size
+
+    async def read(self, key: str, offset: int, length: int) -> bytes:
+        return await read_all(self, key, offset, length)
+
+    async def iter_read(self, key: str, offset: int, length: int, block: int) -> AsyncGenerator[bytes, None]:
+        check_range(offset, length, block)
+        p = self.path(key)
+        try:
+            fd = await asyncio.to_thread(os.open, p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._read_error(key, p, e) from None
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                want = min(block, end - pos)
+                try:
+                    data = await asyncio.to_thread(_pread_full, fd, want, pos)
+                except OSError as e:
+                    raise self._read_error(key, p, e) from None
+                if data:
+                    yield data
+                if len(data) < want:
+                    return  # the file ends here
+                pos += want
+        finally:
+            os.close(fd)
+
+    async def read_head(self, key: str, length: int) -> tuple[bytes, int]:
+        size = await self.size(key)
+        return await self.read(key, 0, min(length, size)), size
+
+    async def list(self, prefix: str = "") -> AsyncGenerator[StoredObject, None]:
+        try:
+            found = await asyncio.to_thread(self._walk, prefix)
+        except NotADirectoryError:
+            raise PermanentRepositoryError(f"repository {self.url}: {self.root} is not a directory") from None
+        except OSError as e:
+            raise self._read_error(prefix, self.root, e) from None
+        for key, st in found:
+            yield StoredObject(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def _walk(self, prefix: str) -> builtins.list[tuple[str, os.stat_result]]:
+        if not self.root.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.root))
+        found: list[tuple[str, os.stat_result]] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, self.root)
+            for name in sorted(filenames):
+                if not name.endswith(SUFFIX) or name.startswith("."):  # ".name.tmp" staging files
+                    continue
+                key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+                if key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((key, os.stat(os.path.join(dirpath, name))))
+        found.sort()
+        return found
+
+    async def rewrite_head(self, key: str, old_head: int, new_head: bytes, *, part_size: int = 16 << 20) -> None:
+        p = self.path(key)
+        try:
+            await asyncio.to_thread(_rewrite_head, p, old_head, new_head)
+        except OSError as e:
+            raise self._read_error(key, p, e) from None
 
 
 def _makedirs(path: Path, root: Path) -> None:
@@ -142,12 +259,26 @@ def _makedirs(path: Path, root: Path) -> None:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
             d.mkdir(mode=0o700)
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _rewrite_head(path: Path, old_head: int, new_head: bytes) -> None:
+    """The package at `path` with its first `old_head` bytes replaced, atomically (its mode kept)."""
+    with open(path, "rb") as src:
+        st = os.fstat(src.fileno())
+        src.seek(old_head)
+        with atomic_open(path, st.st_mode & 0o777) as dst:
+            os.fchmod(dst.fileno(), st.st_mode & 0o777)  # exactly the old mode, whatever the umask
+            dst.write(new_head)
+            shutil.copyfileobj(src, dst, 1 << 20)  # the body, byte for byte
+
+
+def _pread_full(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        data = os.pread(fd, n - got, offset + got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)

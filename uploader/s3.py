@@ -28,9 +28,18 @@ What `put` does, and what a Receipt means here:
   * HEAD with ChecksumMode=ENABLED: size, and the SHA-256 (single PUT) or the composite
     `b64(sha256(part digests))-N` (multipart; a value without the `-N` suffix is accepted too).
   Only then does the Receipt carry `upload.sha256`. A verification mismatch is transient (re-send).
-- Errors: connection refused/reset, timeouts, 5xx, SlowDown/throttling, RequestTimeout, BadDigest
-  -> TransientRepositoryError; AccessDenied, NoSuchBucket, bad credentials, KMS key problems,
-  other 4xx -> PermanentRepositoryError. botocore's own retries are off (the agent backs off).
+- Errors: plumbing.s3.translate classifies every failure (connection refused/reset, timeouts, 5xx,
+  SlowDown/throttling, RequestTimeout, BadDigest -> transient; AccessDenied, NoSuchBucket, bad
+  credentials, KMS key problems, other 4xx -> permanent); here they become Transient- or
+  PermanentRepositoryErrors keeping S3's code (`e.code`). A HEAD of an object that is not there yet
+  is transient (send it again). Retries: plumbing.s3.AGENT for delivery (botocore's own retries are
+  off: the agent backs off), plumbing.s3.COMMAND for a repository opened for reading by a command.
+- Reads (the PackageReader side): HEAD, ranged and streamed GETs pinned to the ETag that `size()` or
+  `read_head()` saw (If-Match), so an object replaced mid-read (a re-wrap) fails cleanly instead of
+  mixing versions; listing of `*.mseal` objects. GetObject responses are not checksum-validated
+  (ranged reads can't be); the package's AEAD is the check. Not found is PackageNotFoundError.
+- `rewrite_head` (re-wrap): the object rewritten with a new header, the body streamed from a GET
+  pinned to the ETag read (single PUT up to one part, multipart above), its metadata kept.
 
 Credentials and endpoint come from the standard chain: `endpoint_url` when set, else botocore's own
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / profile `endpoint_url`; `profile` or the default chain
@@ -40,40 +49,33 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / profile `endpoint_url`; `profile` or th
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import errno
 import hashlib
 import io
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
 
-import aioboto3
-from aiobotocore.config import AioConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConfigNotFound,
-    InvalidConfigError,
-    NoCredentialsError,
-    NoRegionError,
-    ParamValidationError,
-    PartialCredentialsError,
-    ProfileNotFound,
-    SSOError,
-    TokenRetrievalError,
-    UnknownEndpointError,
+from mediaseal.plumbing import s3 as s3io
+from mediaseal.plumbing.locations import SUFFIX, LocationError, RepositoryURL
+from mediaseal.uploader.base import (
+    PackageNotFoundError,
+    PermanentRepositoryError,
+    Receipt,
+    RepositoryError,
+    StoredObject,
+    TransientRepositoryError,
+    Upload,
+    check_range,
+    read_all,
+    repository_location,
 )
 
-from mediaseal.uploader.base import PermanentRepositoryError, Receipt, RepositoryError, TransientRepositoryError, Upload
-
 __all__ = [
-    "MAX_PARTS", "MIN_PART_SIZE", "S3Options", "S3PermanentError", "S3Repository", "S3TransientError",
+    "MAX_PARTS", "MIN_PART_SIZE", "S3Options", "S3Repository",
     "parse_s3_url", "plan_part_size",
 ]
 
@@ -87,48 +89,9 @@ MAX_PUT_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 _SEND_ATTEMPTS = 3  # a request whose bytes the repository reports differently is re-sent this often per put
 
-# Error codes (ClientError `Code`) by class. Anything else: 5xx/408/429 transient, other 4xx permanent.
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
-    "ProvisionedThroughputExceededException", "RequestTimeout", "RequestTimeoutException", "InternalError",
-    "ServiceUnavailable", "PriorRequestNotComplete", "OperationAborted", "IncompleteBody",
-    "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "NoSuchUpload", "InvalidPart",
-    "InvalidPartOrder", "KMS.ThrottlingException", "KMS.KMSInternalException",
-})
-_PERMANENT_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity", "NoSuchBucket",
-    "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "RequestTimeTooSkewed",
-    "InvalidArgument", "InvalidRequest", "InvalidStorageClass", "InvalidEncryptionAlgorithmError",
-    "KMS.DisabledException", "KMS.NotFoundException", "KMS.KMSInvalidStateException",
-    "KMS.InvalidKeyUsageException", "KMS.AccessDeniedException", "EntityTooSmall", "EntityTooLarge",
-    "MetadataTooLarge", "NotImplemented", "MissingContentLength", "InvalidObjectState", "Forbidden",
-    "UnauthorizedAccess", "403",
-})
 _DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
 _MISMATCH_CODES = frozenset({"SizeMismatch", "ChecksumMismatch", "NoSuchKey"})  # verification said: not it
-# botocore errors an operator must fix (configuration, credentials); every other one (connections,
-# timeouts, credential endpoints not answering) is transient.
-_PERMANENT_BOTOCORE = (
-    NoCredentialsError, PartialCredentialsError, NoRegionError, ProfileNotFound, ConfigNotFound,
-    InvalidConfigError, ParamValidationError, UnknownEndpointError, SSOError, TokenRetrievalError,
-)
 _SPOOL_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
-
-
-class S3TransientError(TransientRepositoryError):
-    """A transient S3 failure; `code` is S3's error code (or the botocore exception's name)."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class S3PermanentError(PermanentRepositoryError):
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -177,16 +140,11 @@ class S3Options:
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); the prefix may be empty."""
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix") (plumbing.locations); the prefix may be empty."""
+    where = repository_location(url)
+    if where.scheme != "s3":
         raise PermanentRepositoryError(f"not an s3://bucket/prefix url: {url!r}")
-    if parsed.query or parsed.fragment:
-        raise PermanentRepositoryError(f"s3 repository url {url!r} has a query or fragment")
-    prefix = unquote(parsed.path).strip("/")
-    if any(seg in ("", ".", "..") for seg in prefix.split("/")) and prefix:
-        raise PermanentRepositoryError(f"s3 repository prefix {prefix!r} has empty or dot segments")
-    return parsed.netloc, prefix
+    return where.bucket, where.prefix
 
 
 def plan_part_size(size: int, part_size: int, max_parts: int = MAX_PARTS) -> int:
@@ -215,36 +173,46 @@ class _Part:
 
 
 class S3Repository:
-    """A bucket (and a key prefix) holding packages. One aioboto3 client, created on first use."""
+    """A bucket (and a key prefix) holding packages. One aioboto3 client, created on first use.
 
-    def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None) -> None:
+    `retries`: plumbing.s3.AGENT (the default: the agent's deliveries, which back off themselves) or
+    plumbing.s3.COMMAND (a command reading or re-wrapping, with no backoff of its own).
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None, *,
+                 retries: s3io.Retries = s3io.AGENT) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.options = options or S3Options()
+        self.options = o = options or S3Options()
+        self.settings = s3io.ClientSettings(
+            endpoint_url=o.endpoint_url, region=o.region, profile=o.profile, connect_timeout=o.connect_timeout,
+            read_timeout=o.read_timeout, retries=retries, addressing_style=o.addressing_style,
+            max_pool_connections=max(10, 2 * o.concurrency), payload_signing=False)
         try:
-            self._session = aioboto3.Session(profile_name=self.options.profile, region_name=self.options.region)
-        except BotoCoreError as e:
-            raise _translate_botocore("configure", f"s3://{bucket}", e) from None
-        self._client: Any = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client_lock = asyncio.Lock()
+            self._client = s3io.LazyClient(self.settings)
+        except s3io.S3Error as e:
+            raise _repository_error(e) from None
+        self._requests = s3io.S3Bucket(None, bucket, settings=self.settings, min_send_rate=o.min_send_rate)
         self._slots = asyncio.Semaphore(self.options.concurrency)
         self._want_md5 = self.options.verify_etag and self.options.sse != "aws:kms"
+        self._etags: dict[str, str] = {}  # object key -> the ETag reads are pinned to
+        self._root = RepositoryURL("s3", bucket=bucket, prefix=self.prefix)
 
     @classmethod
-    def from_url(cls, url: str, options: S3Options | None = None) -> S3Repository:
+    def from_url(cls, url: str, options: S3Options | None = None, *,
+                 retries: s3io.Retries = s3io.AGENT) -> S3Repository:
         bucket, prefix = parse_s3_url(url)
-        return cls(bucket, prefix, options)
+        return cls(bucket, prefix, options, retries=retries)
 
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def object_key(self, key: str) -> str:
-        key = key.lstrip("/")
-        if not key or any(seg in (".", "..") for seg in key.split("/")):
-            raise PermanentRepositoryError(f"key {key!r} is not a plain relative key")
-        return f"{self.prefix}/{key}" if self.prefix else key
+        try:
+            return self._root.object_key(key)
+        except LocationError as e:
+            raise PermanentRepositoryError(str(e)) from None
 
     # -- the Repository protocol ----------------------------------------------------------------
 
@@ -263,10 +231,7 @@ class S3Repository:
         return await _Multipart(self, client, upload, okey).run()
 
     async def close(self) -> None:
-        async with self._client_lock:
-            stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        await self._client.close()
 
     # -- start-up housekeeping ----------------------------------------------------------------------
 
@@ -293,7 +258,7 @@ class S3Repository:
                 try:
                     await self._call("AbortMultipartUpload", u["Key"], client.abort_multipart_upload(
                         Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
-                except S3TransientError as e:
+                except TransientRepositoryError as e:
                     if e.code != "NoSuchUpload":
                         raise
                 aborted.append(u["UploadId"])
@@ -301,6 +266,155 @@ class S3Repository:
                 return aborted
             kwargs["KeyMarker"] = page["NextKeyMarker"]
             kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+
+    # -- the read side (PackageReader) ------------------------------------------------------------------
+
+    async def _read_call(self, op: str, okey: str, aw: Awaitable[T]) -> T:
+        """A read request: not found is PackageNotFoundError, a changed object says so."""
+        try:
+            return await self._requests.call(op, okey, aw)
+        except s3io.S3Error as e:
+            raise self._read_error(op, okey, e) from None
+
+    def _read_error(self, op: str, okey: str, e: s3io.S3Error) -> RepositoryError:
+        where = self._where(okey)
+        if isinstance(e, s3io.S3NotFoundError):
+            return PackageNotFoundError(f"no package {where}")
+        if e.code in ("PreconditionFailed", "412"):
+            return TransientRepositoryError(f"s3 {op} {where}: the object changed while it was being read", e.code)
+        return (TransientRepositoryError if e.transient else PermanentRepositoryError)(str(e), e.code)
+
+    def location(self, key: str) -> str:
+        return self._where(self.object_key(key))
+
+    def _remember(self, okey: str, etag: str) -> None:
+        self._etags.pop(okey, None)
+        self._etags[okey] = etag
+        while len(self._etags) > 4096:  # a long-running server reads many keys: keep the newest
+            del self._etags[next(iter(self._etags))]
+
+    async def size(self, key: str) -> int:
+        okey = self.object_key(key)
+        client = await self._get_client()
+        head = await self._read_call("HeadObject", okey, client.head_object(Bucket=self.bucket, Key=okey))
+        self._remember(okey, str(head.get("ETag") or ""))
+        return int(head["ContentLength"])
+
+    async def read(self, key: str, offset: int, length: int) -> bytes:
+        return await read_all(self, key, offset, length)
+
+    async def read_head(self, key: str, length: int) -> tuple[bytes, int]:
+        if length <= 0:
+            raise ValueError("length must be positive")
+        okey = self.object_key(key)
+        client = await self._get_client()
+        try:
+            resp = await self._requests.call("GetObject", okey, client.get_object(
+                Bucket=self.bucket, Key=okey, Range=f"bytes=0-{length - 1}"))
+            async with resp["Body"] as body:
+                data = await self._requests.call("GetObject", okey, body.read())
+        except s3io.S3Error as e:
+            if e.code == "InvalidRange":
+                return b"", await self.size(key)  # an empty object
+            raise self._read_error("GetObject", okey, e) from None
+        self._remember(okey, str(resp.get("ETag") or ""))
+        total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+        return bytes(data), int(total) if total.isdigit() else len(data)
+
+    async def iter_read(self, key: str, offset: int, length: int, block: int) -> AsyncGenerator[bytes, None]:
+        check_range(offset, length, block)
+        if length == 0:
+            return
+        okey = self.object_key(key)
+        async for piece in self._stream(okey, offset, offset + length - 1, block, self._etags.get(okey)):
+            yield piece
+
+    async def _stream(self, okey: str, first: int, last: int | None, block: int,
+                      etag: str | None) -> AsyncGenerator[bytes, None]:
+        """Bytes first..last (None: to the end) of the object, in blocks of `block` (the last shorter),
+        from one GET, If-Match `etag` when given."""
+        client = await self._get_client()
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": okey,
+                                "Range": f"bytes={first}-" + ("" if last is None else str(last))}
+        if etag:
+            args["IfMatch"] = etag
+        try:
+            resp = await self._requests.call("GetObject", okey, client.get_object(**args))
+        except s3io.S3Error as e:
+            if e.code == "InvalidRange":
+                return  # the range starts at or past the end: nothing there
+            raise self._read_error("GetObject", okey, e) from None
+        body = resp["Body"]
+        buf = bytearray()
+        try:
+            async with body:
+                while True:
+                    data = await self._read_call("GetObject", okey,
+                                                 body.read(min(1 << 20, max(block - len(buf), 1 << 16))))
+                    if not data:
+                        break
+                    buf += data
+                    while len(buf) >= block:
+                        piece = bytes(buf[:block])
+                        del buf[:block]
+                        yield piece
+            if buf:
+                yield bytes(buf)
+        finally:
+            body.close()
+
+    async def list(self, prefix: str = "") -> AsyncGenerator[StoredObject, None]:
+        client = await self._get_client()
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=base + prefix.lstrip("/")).__aiter__()
+        while True:
+            try:
+                page = await self._requests.call("ListObjectsV2", self.url, pages.__anext__())
+            except StopAsyncIteration:
+                return
+            except s3io.S3Error as e:
+                raise self._read_error("ListObjectsV2", self.url, e) from None
+            for obj in page.get("Contents", []) or []:
+                k = str(obj["Key"])
+                if k.endswith(SUFFIX) and k.startswith(base) and not k.rsplit("/", 1)[-1].startswith("."):
+                    lm = obj.get("LastModified")
+                    yield StoredObject(k[len(base):], int(obj.get("Size", 0)),
+                                       lm if isinstance(lm, datetime) else datetime.now(UTC))
+
+    async def rewrite_head(self, key: str, old_head: int, new_head: bytes, *, part_size: int = 16 * MiB) -> None:
+        """Rewrite the object with `new_head` in place of its first `old_head` bytes, streaming: at most one
+        part in memory, nothing on disk. Its metadata, content type, storage class and encryption are kept;
+        a `package-sha256` in its metadata is recomputed (a first pass hashes the stream). Every GET is
+        pinned to the ETag of the version whose header was read."""
+        okey = self.object_key(key)
+        client = await self._get_client()
+        info = await self._read_call("HeadObject", okey, client.head_object(Bucket=self.bucket, Key=okey))
+        etag = self._etags.get(okey) or str(info["ETag"])
+        if str(info["ETag"]) != etag:
+            raise TransientRepositoryError(
+                f"s3 HeadObject {self._where(okey)}: the object changed while it was being read", "PreconditionFailed")
+        args: dict[str, Any] = {k: info[k] for k in _COPIED if info.get(k)}
+        if args.get("StorageClass") == "STANDARD":
+            del args["StorageClass"]
+        if "package-sha256" in args.get("Metadata", {}):
+            digest = hashlib.sha256(new_head)
+            async for block in self._stream(okey, old_head, None, part_size, etag):
+                digest.update(block)
+            args["Metadata"] = {**args["Metadata"], "package-sha256": digest.hexdigest()}
+        upload = s3io.StreamingUpload(self._bucket(client), okey, part_size, args)
+        try:
+            await upload.write(new_head)
+            async for block in self._stream(okey, old_head, None, part_size, etag):
+                await upload.write(block)
+            await upload.finish()
+        except s3io.S3Error as e:
+            await upload.abort()
+            raise self._read_error("rewrite", okey, e) from None
+        except BaseException:
+            await upload.abort()
+            raise
+        self._etags.pop(okey, None)
 
     # -- single PUT -----------------------------------------------------------------------------------
 
@@ -319,7 +433,7 @@ class S3Repository:
                         Bucket=self.bucket, Key=okey, Body=data, ContentLength=upload.size,
                         ChecksumAlgorithm="SHA256", ChecksumSHA256=b64, **self._object_args(upload)),
                         body=upload.size)
-                except S3TransientError as e:
+                except TransientRepositoryError as e:
                     if e.code not in _DIGEST_CODES:
                         raise
                     last = e
@@ -330,7 +444,7 @@ class S3Repository:
                 if problem is None:
                     last = None
                     break
-                last = S3TransientError(f"s3 PutObject {self._where(okey)}: {problem}", "ChecksumMismatch")
+                last = TransientRepositoryError(f"s3 PutObject {self._where(okey)}: {problem}", "ChecksumMismatch")
         if last is not None:
             raise last
         return await self._verify(client, upload, okey, b64, None, md5)
@@ -344,11 +458,7 @@ class S3Repository:
         }
         if self.options.storage_class:
             args["StorageClass"] = self.options.storage_class
-        if self.options.sse:
-            args["ServerSideEncryption"] = self.options.sse
-        if self.options.sse_kms_key_id:
-            args["SSEKMSKeyId"] = self.options.sse_kms_key_id
-        return args
+        return {**args, **s3io.sse_args(self.options.sse, self.options.sse_kms_key_id)}
 
     def _etag_is_md5(self, resp: dict[str, Any]) -> bool:
         sse = str(resp.get("ServerSideEncryption") or "")
@@ -371,77 +481,44 @@ class S3Repository:
         head = await self._call("HeadObject", okey, client.head_object(
             Bucket=self.bucket, Key=okey, ChecksumMode="ENABLED"))
         if head.get("ContentLength") != upload.size:
-            raise S3TransientError(f"s3 verify {where}: holds {head.get('ContentLength')} bytes, "
-                                   f"sent {upload.size}", "SizeMismatch")
+            raise TransientRepositoryError(f"s3 verify {where}: holds {head.get('ContentLength')} bytes, "
+                                           f"sent {upload.size}", "SizeMismatch")
         checked = False
         got = head.get("ChecksumSHA256")
         if got is not None:
             value, dash, count = str(got).partition("-")
             expected = checksum if parts is None else f"{checksum}-{parts}"
             if value != checksum or (dash and count != str(parts)):
-                raise S3TransientError(f"s3 verify {where}: checksum {got}, sent {expected}", "ChecksumMismatch")
+                raise TransientRepositoryError(f"s3 verify {where}: checksum {got}, sent {expected}",
+                                               "ChecksumMismatch")
             checked = True
         if md5_etag is not None and self._etag_is_md5(head):
             etag = str(head.get("ETag") or "").strip('"')
             if etag != md5_etag:
-                raise S3TransientError(f"s3 verify {where}: ETag {etag}, the bytes sent give {md5_etag}",
-                                       "ChecksumMismatch")
+                raise TransientRepositoryError(f"s3 verify {where}: ETag {etag}, the bytes sent give {md5_etag}",
+                                               "ChecksumMismatch")
             checked = True
         if not checked:
-            raise S3PermanentError(f"s3 verify {where}: the repository reports neither a SHA-256 checksum nor "
-                                   "an MD5 ETag, so the object cannot be verified", "Unverifiable")
+            raise PermanentRepositoryError(f"s3 verify {where}: the repository reports neither a SHA-256 checksum nor "
+                                           "an MD5 ETag, so the object cannot be verified", "Unverifiable")
         return Receipt(upload.size, upload.sha256)
 
     async def _get_client(self) -> Any:
-        if self._client is not None:
-            return self._client
-        async with self._client_lock:
-            if self._client is None:
-                o = self.options
-                s3cfg: dict[str, Any] = {"payload_signing_enabled": False}
-                if o.addressing_style:
-                    s3cfg["addressing_style"] = o.addressing_style
-                config = AioConfig(
-                    connect_timeout=o.connect_timeout, read_timeout=o.read_timeout,
-                    retries={"total_max_attempts": 1, "mode": "standard"},  # the agent retries, with backoff
-                    max_pool_connections=max(10, 2 * o.concurrency),
-                    # Explicit SHA-256 on every write; no CRC32 added, no response checksum pass.
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                    # The body is covered by the signed x-amz-checksum-sha256 header, which S3 verifies;
-                    # signing the payload too would hash every byte once more on the event loop (plain HTTP).
-                    s3=s3cfg,
-                )
-                stack = contextlib.AsyncExitStack()
-                try:
-                    self._client = await stack.enter_async_context(
-                        self._session.client("s3", endpoint_url=o.endpoint_url, config=config))
-                except BotoCoreError as e:
-                    await stack.aclose()
-                    raise _translate_botocore("connect", self.url, e) from None
-                except ValueError as e:  # a malformed endpoint url
-                    await stack.aclose()
-                    raise PermanentRepositoryError(f"s3 repository {self.url}: {e}") from None
-                self._stack = stack
-        return self._client
+        try:
+            return await self._client.get()
+        except s3io.S3Error as e:
+            raise _repository_error(e) from None
 
-    async def _call(self, op: str, target: str, aw: Awaitable[T], body: int | None = None) -> T:
+    def _bucket(self, client: Any) -> s3io.S3Bucket:
+        return s3io.S3Bucket(client, self.bucket, settings=self.settings, min_send_rate=self.options.min_send_rate)
+
+    async def _call(self, op: str, key: str, aw: Awaitable[T], body: int | None = None) -> T:
         """Await a botocore call, turning its failures into repository errors. A call sending `body`
         bytes is also bounded in time as a whole (see S3Options.min_send_rate)."""
-        o = self.options
-        limit = None if body is None else o.connect_timeout + o.read_timeout + body / o.min_send_rate
         try:
-            async with asyncio.timeout(limit):
-                return await aw
-        except TimeoutError:
-            if limit is None:
-                raise S3TransientError(f"s3 {op} {self._where(target)}: timed out", "Timeout") from None
-            raise S3TransientError(f"s3 {op} {self._where(target)}: no answer within {limit:.0f} s "
-                                   f"(peer stopped reading or answering)", "RequestDeadline") from None
-        except ClientError as e:
-            raise _translate_client_error(op, self._where(target), e) from None
-        except BotoCoreError as e:
-            raise _translate_botocore(op, self._where(target), e) from None
+            return await self._requests.call(op, key, aw, body)
+        except s3io.S3Error as e:
+            raise _repository_error(e) from None
 
     async def _io(self, path: Path, fn: Callable[..., T], *args: Any) -> T:
         """Run a spool file read in a thread, turning OS errors into repository errors."""
@@ -465,7 +542,7 @@ class _Multipart:
         self._lock = asyncio.Lock()
 
     async def run(self) -> Receipt:
-        repo, up = self.repo, self.upload
+        up = self.upload
         state = self._resumable(up.state)
         if state is not None and state.get("completed"):
             # A previous attempt completed the upload; if the object is what the spool holds, done.
@@ -474,7 +551,7 @@ class _Multipart:
             _check_sealed_hash(up, full)
             try:
                 return await self._verify(parts)
-            except S3TransientError as e:
+            except TransientRepositoryError as e:
                 if e.code not in _MISMATCH_CODES:
                     raise
             state = None  # not there, or not these bytes: upload again
@@ -483,7 +560,7 @@ class _Multipart:
             self.state = state
             try:
                 listed = await self._list_parts()
-            except S3TransientError as e:
+            except TransientRepositoryError as e:
                 if e.code != "NoSuchUpload":
                     raise
                 state = None  # aborted or expired: start over
@@ -495,11 +572,8 @@ class _Multipart:
             await self._save({})
             _check_sealed_hash(up, full)
         try:
-            await repo._call("CompleteMultipartUpload", self.okey, self.client.complete_multipart_upload(
-                Bucket=repo.bucket, Key=self.okey, UploadId=self.state["upload_id"],
-                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag, "ChecksumSHA256": p.b64}
-                                           for p in parts]}))
-        except S3TransientError as e:
+            await self._requests().complete([s3io.Part(p.number, p.etag, p.b64, p.size) for p in parts])
+        except TransientRepositoryError as e:
             if e.code in ("InvalidPart", "InvalidPartOrder"):
                 await self._save({})  # a part the store no longer has: start over next time
                 raise
@@ -509,7 +583,7 @@ class _Multipart:
         await self._save({**self.state, "completed": True})
         try:
             return await self._verify(parts)
-        except S3TransientError as e:
+        except TransientRepositoryError as e:
             if e.code in _MISMATCH_CODES:
                 await self._save({})  # the object is not what was sent: a fresh upload next time
             raise
@@ -555,29 +629,22 @@ class _Multipart:
     async def _create(self) -> None:
         repo, up = self.repo, self.upload
         part_size = plan_part_size(up.size, repo.options.part_size, repo.options.max_parts)
-        resp = await repo._call("CreateMultipartUpload", self.okey, self.client.create_multipart_upload(
-            Bucket=repo.bucket, Key=self.okey, ChecksumAlgorithm="SHA256", **repo._object_args(up)))
-        await self._save({"upload_id": resp["UploadId"], "bucket": repo.bucket, "key": self.okey,
+        requests = self._requests()
+        resp = await requests.create(**repo._object_args(up))
+        await self._save({"upload_id": requests.upload_id, "bucket": repo.bucket, "key": self.okey,
                           "size": up.size, "sha256": up.sha256, "part_size": part_size,
                           "etag_md5": repo._etag_is_md5(resp), "parts": []})
 
+    def _requests(self) -> s3io.MultipartUpload:
+        """The plumbing request layer for this upload (the saved upload id, if any), errors as ours."""
+        return s3io.MultipartUpload(self.repo._bucket(self.client), self.okey, upload_id=self.state.get("upload_id"),
+                                    call=self.repo._call)
+
     async def _list_parts(self) -> dict[int, dict[str, Any]]:
-        repo = self.repo
-        out: dict[int, dict[str, Any]] = {}
-        marker = 0
-        while True:
-            resp = await repo._call("ListParts", self.okey, self.client.list_parts(
-                Bucket=repo.bucket, Key=self.okey, UploadId=self.state["upload_id"], PartNumberMarker=marker))
-            for p in resp.get("Parts", []):
-                out[int(p["PartNumber"])] = p
-            if not resp.get("IsTruncated") or not resp.get("NextPartNumberMarker"):
-                return out
-            marker = int(resp["NextPartNumberMarker"])
+        return await self._requests().list_parts()
 
     async def _abort_quietly(self) -> None:
-        with contextlib.suppress(RepositoryError):
-            await self.repo._call("AbortMultipartUpload", self.okey, self.client.abort_multipart_upload(
-                Bucket=self.repo.bucket, Key=self.okey, UploadId=self.state["upload_id"]))
+        await self._requests().abort()
 
     async def _parts(self, *, listed: dict[int, dict[str, Any]] | None = None,
                      verify_only: bool = False) -> tuple[list[_Part], str]:
@@ -628,18 +695,15 @@ class _Multipart:
                 if again != digest:
                     raise PermanentRepositoryError(f"spool file {up.path} changed while part {n} was uploaded")
             try:
-                resp = await repo._call("UploadPart", self.okey, self.client.upload_part(
-                    Bucket=repo.bucket, Key=self.okey, UploadId=self.state["upload_id"], PartNumber=n,
-                    Body=buf, ContentLength=length, ChecksumAlgorithm="SHA256", ChecksumSHA256=b64),
-                    body=length)
-            except S3TransientError as e:
+                resp = await self._requests().upload_part(n, buf, length, b64)
+            except TransientRepositoryError as e:
                 if e.code not in _DIGEST_CODES:
                     raise
                 last = e
                 continue
             problem = repo._echo_problem(resp, b64, md5)
             if problem is not None:
-                last = S3TransientError(f"s3 UploadPart {self.where} part {n}: {problem}", "ChecksumMismatch")
+                last = TransientRepositoryError(f"s3 UploadPart {self.where} part {n}: {problem}", "ChecksumMismatch")
                 continue
             del buf
             part = _Part(n, str(resp["ETag"]), digest, md5, length)
@@ -674,8 +738,12 @@ class _Multipart:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
+_b64 = s3io.b64
+
+
+# What a header rewrite keeps of the object it replaces.
+_COPIED = ("ContentType", "Metadata", "StorageClass", "ServerSideEncryption", "SSEKMSKeyId", "CacheControl",
+           "ContentDisposition", "ContentEncoding", "Expires", "BucketKeyEnabled")
 
 
 def _check_size(path: Path, size: int) -> None:
@@ -729,28 +797,11 @@ def _digests(buf: io.BytesIO, want_md5: bool) -> tuple[bytes, str | None]:
     return digest, md5
 
 
-def _translate_client_error(op: str, where: str, e: ClientError) -> RepositoryError:
-    err = e.response.get("Error", {}) or {}
-    code = str(err.get("Code") or "")
-    status = int((e.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode") or 0)
-    message = str(err.get("Message") or "").strip()
-    text = f"s3 {op} {where}: {code or status}" + (f" ({message})" if message and message != code else "")
-    if code in _TRANSIENT_CODES:
-        return S3TransientError(text, code)
-    if code in _PERMANENT_CODES:
-        return S3PermanentError(text, code)
-    if code == "404" or code == "NoSuchKey":  # HEAD of an object that is not (yet) there: send it again
-        return S3TransientError(text, "NoSuchKey")
-    if status >= 500 or status in (408, 429) or status == 0:
-        return S3TransientError(text, code)
-    return S3PermanentError(text, code)
-
-
-def _translate_botocore(op: str, where: str, e: BotoCoreError) -> RepositoryError:
-    text = f"s3 {op} {where}: {e}"
-    if isinstance(e, _PERMANENT_BOTOCORE):
-        return S3PermanentError(text, type(e).__name__)
-    return S3TransientError(text, type(e).__name__)
+def _repository_error(e: s3io.S3Error) -> RepositoryError:
+    """The delivery side's reading of a plumbing.s3 error: its class decides retry or quarantine."""
+    if isinstance(e, s3io.S3NotFoundError) and e.code != "NoSuchBucket":
+        return TransientRepositoryError(str(e), "NoSuchKey")  # HEAD of an object that is not (yet) there: send it again
+    return (TransientRepositoryError if e.transient else PermanentRepositoryError)(str(e), e.code)
 
 
 def _most_telling(eg: BaseExceptionGroup[Any]) -> BaseException:

@@ -136,7 +136,8 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 def cmd_retire(args: argparse.Namespace) -> None:
     import asyncio
 
-    from mediaseal.keys.rotation import KeyInUseError, retire_key
+    from mediaseal.export.rewrap import retire_key
+    from mediaseal.keys.rotation import KeyInUseError
 
     ring = kr.Keyring.open(args.keyring)
     try:
@@ -160,7 +161,7 @@ def rewrap_hint(args: argparse.Namespace) -> str:
 def cmd_rewrap(args: argparse.Namespace) -> None:
     import asyncio
 
-    from mediaseal.keys.rotation import rewrap_repository
+    from mediaseal.export.rewrap import rewrap_repository
 
     ring = kr.Keyring.open(args.keyring, kms=kms(args))
     report = asyncio.run(rewrap_repository(ring, passphrase(args), args.repository, from_kid=args.from_kid,
