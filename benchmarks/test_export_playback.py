@@ -19,20 +19,16 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from benchmarks._support import MiB, PatternReader, emit, interleave, report_latency, report_throughput
-from mediaseal import codec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import s3_support
 from agent_harness import PASSPHRASE, make_keyring
 
+from benchmarks._support import MiB, PatternReader, emit, interleave, report_latency, report_throughput
+from mediaseal import codec
 from mediaseal.export.playback import RemotePackage
 from mediaseal.export.source import FileSource
 from mediaseal.keys.keyring import Keyring

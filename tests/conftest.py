@@ -1,4 +1,8 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+tests/ is on sys.path (pyproject.toml's [tool.pytest.ini_options] `pythonpath`), so the support modules
+import by name: `support` (the package of shared mechanisms: waits, child processes and their reaper, a
+throwaway CA), and the per-area modules built on it (agent_harness, s3_support, lkm_support, ...)."""
 
 from __future__ import annotations
 
@@ -105,13 +109,13 @@ def fault_proxy(moto_server):
         proxy.stop()
 
 
-@pytest.fixture(autouse=True)
-def _reap_agents():
-    """No agent subprocess outlives its test, even one that failed before stopping it."""
+@pytest.fixture(scope="session", autouse=True)
+def _reap_session():
+    """No child process outlives the session, even one a module's fixture failed to stop."""
     yield
-    import agent_harness
+    from support import process
 
-    agent_harness.reap()
+    process.reap("session")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,10 +133,10 @@ def _secrets_audit(request: pytest.FixtureRequest):
     command output, metrics scrape, manifest or log file, and every file and directory of the agent's spool
     and filesystem repository 0600 / 0700 (tests/secrets_audit.py). A finding fails the test naming where."""
     yield
-    import agent_harness
     import secrets_audit
+    from support import process
 
-    agent_harness.reap()  # each agent's log lines are registered as it is reaped
+    process.reap("test")  # no child outlives its test; each agent's log lines are registered as it is reaped
     report = secrets_audit.audit_test(request.node)
     if report.findings:
         pytest.fail(report.message(request.node.nodeid), pytrace=False)
