@@ -97,7 +97,7 @@ def restart_and_drain(setup: Setup, timeout: float = 180.0, env: dict[str, str] 
     """The final clean run: start the agent, time it to "ready" and to drained, then stop it (exit 0)."""
     t0 = time.monotonic()
     agent = Agent(setup, env=env)
-    agent.wait_for("ready", timeout=60)
+    agent.wait_for("ready")
     r = Restart(agent, time.monotonic() - t0)
     drain_running(agent, setup, timeout)
     r.drain = time.monotonic() - t0
