@@ -12,8 +12,9 @@ Invariants (what the tests and the secrets audit rely on):
 - A thread reads stderr to its end, so a child never blocks on a full pipe, and every line is kept, in
   order, without its newline (`lines`), with its arrival time (`times`, monotonic clock).
 - Each line is also an event on `events`: a JSON object as it is, any other line as
-  `{"event": "_text", "text": line}`; the end of stderr adds `{"event": "_exit"}`, so a waiter learns of
-  an exit at once instead of at its ceiling (and says so, with the child's last lines).
+  `{"event": "_text", "text": line}`; the end of stderr adds `{"event": "_exit"}`, which stays last (a
+  wait puts it back), so every waiter learns of an exit at once instead of at its ceiling (and says so,
+  with the child's last lines).
 - Waits end on what they wait for, or fail at a generous ceiling (support.waits.CEILING) naming it.
 - Every Child is registered with the reaper when it starts. `reap("test")` (tests/conftest.py, after
   each test) deals with the children of lifetime "test": kills those still running (a failed assertion
@@ -147,7 +148,8 @@ class Child:
     def wait_for(self, event: str | tuple[str, ...], timeout: float = CEILING,
                  where: Callable[[Event], bool] | None = None, count: int = 1) -> list[Event]:
         """Block until `count` log events named `event` (or any of several names), matching `where`, have
-        come; others are passed over (consumed). Fails at `timeout`, or at once when the child exits."""
+        come; others are passed over (consumed). Fails at `timeout`, or at once when the child has exited
+        (`finish()` is how to wait for an exit)."""
         names = (event,) if isinstance(event, str) else event
         deadline = Deadline(timeout, f"{count} x {event!r} from {self.name}")
         got: list[Event] = []
@@ -158,7 +160,8 @@ class Child:
                 doc = self.events.get(timeout=deadline.left())
             except queue.Empty:
                 continue
-            if doc.get("event") == "_exit" and "_exit" not in names:
+            if doc.get("event") == "_exit":
+                self.events.put(doc)  # stays last, for every later wait
                 raise AssertionError(f"{self.name} exited ({self.proc.wait()}) while waiting for {event!r}:\n"
                                      + self.tail())
             if doc.get("event") in names and (where is None or where(doc)):
