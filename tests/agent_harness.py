@@ -125,6 +125,15 @@ class Agent(process.Child):
         secrets_audit.REGISTRY.agent_reaped(self, self.audit_number)  # its log, for the secrets audit
 
 
+def new_setup(root: Path, template: Path, **repo: Any) -> Setup:
+    """The usual set-up in `root`: a copy of the `template` keyring, one capture directory of `call`
+    recordings completed by rename, and `repo` as [repository] overrides (e.g. an s3:// url)."""
+    s = Setup(root=root, keyring=make_keyring(root / "keyring", template),
+              watches=[{"path": str(root / "capture"), "kind": "call", "completion": "rename"}])
+    s.repo.update(repo)
+    return s
+
+
 def drop(directory: Path, name: str, data: bytes) -> str:
     """Write like a well-behaved producer: a temp name, then rename. Returns the SHA-256."""
     tmp = directory / f"{name}.part"

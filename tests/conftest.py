@@ -73,6 +73,26 @@ def codec_keyring() -> Callable[..., CodecTestKeyring]:
     return make
 
 
+# --- the agent as a process (tests/agent_harness.py) --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def keyring_template(tmp_path_factory: pytest.TempPathFactory):
+    """A passphrase-protected keyring made once per session (RSA keygen is slow): tests copy it."""
+    import agent_harness
+
+    return agent_harness.make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
+
+
+@pytest.fixture
+def setup(tmp_path, keyring_template):
+    """The usual agent set-up in tmp_path (agent_harness.new_setup): a copy of the template keyring and
+    one capture directory of `call` recordings completed by rename."""
+    import agent_harness
+
+    return agent_harness.new_setup(tmp_path, keyring_template)
+
+
 # --- S3: moto's ThreadedMotoServer on loopback, a fault proxy in front of it (tests/s3_support.py) -------
 
 

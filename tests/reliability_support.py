@@ -20,9 +20,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent_harness import PASSPHRASE, ROOT, Agent, Setup, decrypt_all, drop, spool_files
+from agent_harness import new_setup as new_setup  # the rows' set-up; importers take it from here
 
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
@@ -398,11 +398,3 @@ def write_report(elapsed: float) -> None:
     if REPORT and (FIGURES or HOSTILE):
         DOC.write_text(render(elapsed))
 
-
-def new_setup(root: Path, keyring: Path, **repo: Any) -> Setup:
-    from agent_harness import make_keyring
-
-    s = Setup(root=root, keyring=make_keyring(root / "keyring", keyring),
-              watches=[{"path": str(root / "capture"), "kind": "call", "completion": "rename"}])
-    s.repo.update(repo)
-    return s
