@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -46,6 +47,15 @@ def _reap_children() -> Iterator[None]:
     one reaper, as after every test (importable here through pyproject.toml's pytest `pythonpath`)."""
     yield
     process.reap("test")
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Any]:
+    """moto on loopback with fake AWS credentials (tests/s3_support.py), for the S3 benchmarks."""
+    import s3_support
+
+    with s3_support.moto_running() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

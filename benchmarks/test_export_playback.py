@@ -43,16 +43,6 @@ GPG = shutil.which("gpg")
 
 
 @pytest.fixture(scope="module")
-def moto() -> Iterator[Any]:
-    with s3_support.aws_test_env():
-        server = s3_support.MotoServer.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-
-
-@pytest.fixture(scope="module")
 def ring(bench_dir: str) -> Iterator[tuple[codec.Recipient, codec.Unwrapper]]:
     """A passphrase-protected keyring (as the CLI's --keyring): its recipient and its unlocked unwrapper."""
     path = make_keyring(Path(bench_dir) / "export-keyring")

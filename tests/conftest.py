@@ -101,12 +101,8 @@ def moto_server():
     """moto on 127.0.0.1:<random port>, with fake AWS credentials in the environment (real ones hidden)."""
     import s3_support
 
-    with s3_support.aws_test_env():
-        server = s3_support.MotoServer.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with s3_support.moto_running() as server:
+        yield server
 
 
 @pytest.fixture

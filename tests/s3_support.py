@@ -105,6 +105,18 @@ class MotoServer:
         self.server.stop()
 
 
+@contextlib.contextmanager
+def moto_running() -> Iterator[MotoServer]:
+    """moto on loopback, inside aws_test_env(), for the duration (the suite's session fixture and the
+    S3 benchmarks' fixture)."""
+    with aws_test_env():
+        server = MotoServer.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
 def unique_bucket(tag: str = "b") -> str:
     return f"ms-{tag}-{uuid.uuid4().hex[:12]}"
 
