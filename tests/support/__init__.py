@@ -4,7 +4,7 @@
   never on a fixed sleep.
 - `support.process`: a child process whose stderr lines (and JSON log events) a thread collects as they
   come (`Child`), the environment children get (`child_env`), and the one reaper (`reap`).
-- `support.pki`: a throwaway certificate authority issuing server and client certificates (`TestCA`).
+- `support.pki`: a throwaway certificate authority issuing server and client certificates (`ThrowawayCA`).
 
 Importable as `support` from tests/ and benchmarks/ alike: pytest puts tests/ on sys.path through the
 `pythonpath` option of pyproject.toml's [tool.pytest.ini_options] (no module edits sys.path). It is
