@@ -8,6 +8,9 @@ Environment:
   MEDIASEAL_BENCH_ROUNDS  measured rounds per benchmark (default 15), plus MEDIASEAL_BENCH_WARMUP (default 1)
   MEDIASEAL_BENCH_FSYNC=1 include fsync in both sides of every file benchmark (default: excluded from both)
   MEDIASEAL_BENCH_STRICT=1 assert the ratio targets (default: report only)
+
+tests/ is on sys.path here too (pyproject.toml's [tool.pytest.ini_options] `pythonpath`): the benchmarks
+that drive the agent or moto import the suite's support modules (agent_harness, s3_support, support).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from support import process
 
 from benchmarks._support import (
     FSYNC,
@@ -34,6 +39,23 @@ from benchmarks._support import (
     remove,
 )
 from mediaseal import codec
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """No child process (the agent of the end-to-end benchmarks) outlives its benchmark: tests/support's
+    one reaper, as after every test (importable here through pyproject.toml's pytest `pythonpath`)."""
+    yield
+    process.reap("test")
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Any]:
+    """moto on loopback with fake AWS credentials (tests/s3_support.py), for the S3 benchmarks."""
+    import s3_support
+
+    with s3_support.moto_running() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
 """Peak RSS of sealing a generated recording of SIZE bytes to os.devnull, in a process of its own.
 
-    python benchmarks/rss_probe.py SIZE PUBLIC_KEY_PEM [--chunk-size N] [--no-overlap] [--digest]
+    python -m benchmarks.rss_probe SIZE PUBLIC_KEY_PEM [--chunk-size N] [--no-overlap] [--digest]
+
+(from the repository root: a module of the benchmarks package, so it imports benchmarks._support as
+every benchmark does, without editing sys.path).
 
 Prints one JSON object: the size, ru_maxrss (KiB) after imports and set-up and at the end, and VmHWM.
 Run it through a forking shell (test_5_rss.py does): a process exec'd straight from a big parent inherits
@@ -15,8 +18,6 @@ import json
 import os
 import resource
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 

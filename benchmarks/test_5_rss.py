@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from benchmarks._support import STRICT, GiB, MiB, emit
 
-PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rss_probe.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m benchmarks.rss_probe` is found
 SIZES = [10 * MiB, 1 * GiB, 2 * GiB]
 FLAT_WITHIN_KIB = 4 * 1024  # "within a few MiB"; DESIGN.md section 9 allows 20 MiB up to 2 GiB
 
@@ -26,8 +26,9 @@ def probe(size: int, pem_path: str, *extra: str) -> dict[str, int]:
     but the probe is forked from the small shell, so its ru_maxrss is its own. The probe also reports
     VmHWM (per address space, reset by exec) as a cross-check.
     """
-    cmd = ["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, PROBE, str(size), pem_path, *extra]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    cmd = ["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-m", "benchmarks.rss_probe", str(size), pem_path,
+           *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
     return json.loads(out.stdout)
 
 

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_harness import Agent, Setup, make_keyring
 
 from benchmarks._support import MiB, Paired, interleave, report_throughput
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from agent_harness import Agent, Setup, make_keyring
 
 LARGE = int(os.environ.get("MEDIASEAL_BENCH_E2E_MB", "64")) * MiB
 SMALL = 64 * 1024

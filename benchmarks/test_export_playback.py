@@ -19,20 +19,16 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from benchmarks._support import MiB, PatternReader, emit, interleave, report_latency, report_throughput
-from mediaseal import codec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import s3_support
 from agent_harness import PASSPHRASE, make_keyring
 
+from benchmarks._support import MiB, PatternReader, emit, interleave, report_latency, report_throughput
+from mediaseal import codec
 from mediaseal.export.playback import RemotePackage
 from mediaseal.keys.keyring import Keyring
 from mediaseal.uploader import FilesystemRepository
@@ -44,16 +40,6 @@ SEEK_OFFSET = 40 * 60 * 16000  # 40 min of 16 kB/s audio
 SEEK_LENGTH = 64 * 1024
 CONCURRENCY = 4  # ExportOptions' default, used by both sides
 GPG = shutil.which("gpg")
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Any]:
-    with s3_support.aws_test_env():
-        server = s3_support.MotoServer.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

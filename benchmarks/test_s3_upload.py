@@ -15,30 +15,15 @@ import asyncio
 import hashlib
 import os
 import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from benchmarks._support import MiB, interleave, report_throughput
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import s3_support
 from agent_harness import Agent, Setup, make_keyring
 
+from benchmarks._support import MiB, interleave, report_throughput
+
 SIZE = int(os.environ.get("MEDIASEAL_BENCH_S3_MB", "64")) * MiB
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Any]:
-    with s3_support.aws_test_env():
-        server = s3_support.MotoServer.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def _raw_upload(endpoint: str, bucket: str, path: Path, key: str) -> None:

@@ -1,8 +1,11 @@
 """Drive the real agent as a subprocess: config in a temp dir, JSON log lines as the event stream.
 
 Tests synchronise on the agent's own log events (`spooled`, `delivered`, `ready`, ...), never on
-sleeps. A ledger of what was dropped (name -> SHA-256) is checked against what the repository holds
-after decrypting every package with the keyring's private keys.
+sleeps: `Agent` is a support.process.Child, whose waits fail at a generous ceiling, or at once when the
+agent exits; the one reaper (support.process.reap, after every test) kills an agent a test left running.
+
+A ledger of what was dropped (name -> SHA-256) is checked against what the repository holds after
+decrypting every package with the keyring's private keys.
 """
 
 from __future__ import annotations
@@ -11,19 +14,15 @@ import hashlib
 import io
 import json
 import os
-import queue
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import secrets_audit
+from support import process
+from support.waits import CEILING
 
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
@@ -91,99 +90,48 @@ class Setup:
         })
 
 
-_RUNNING: list[Agent] = []
-
-
 def reap() -> None:
-    """Kill every agent a test started and did not stop (a failed assertion skips its stop())."""
-    while _RUNNING:
-        agent = _RUNNING.pop()
-        if agent.proc.poll() is None:
-            agent.proc.kill()
-            agent.proc.wait(timeout=30)
-        agent._reader.join(timeout=5)
-        secrets_audit.REGISTRY.agent_reaped(agent, agent.audit_number)  # its log, for the secrets audit
+    """Kill every child a test started and did not stop (support.process.reap: the one reaper)."""
+    process.reap()
 
 
-class Agent:
-    """`mediaseal run --config ... --log-format json` as a child process."""
+class Agent(process.Child):
+    """`mediaseal run --config ... --log-format json` as a child process (support.process.Child: its
+    JSON log lines are the events tests wait on)."""
 
     def __init__(self, setup: Setup, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.setup = setup
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.lines: list[str] = []
         self.env = env or {}
         self.metrics_address: str | None = None  # from its "metrics-listening" event, if it has a listener
         cfg = setup.config()
         self.audit_number = secrets_audit.REGISTRY.agent_started(self)  # set-up, keyring, secrets: audited
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "mediaseal.agent.cli", "run", "--config", str(cfg),
-             "--log-format", "json"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=full_env, cwd=setup.root,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        _RUNNING.append(self)
+        argv = [*(prefix or []), *process.mediaseal_argv("run", "--config", cfg, "--log-format", "json")]
+        super().__init__(argv, env=process.child_env(self.env), cwd=setup.root, name="the agent")
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                doc = {"event": "_text", "text": line}
-            if isinstance(doc, dict) and doc.get("event") == "metrics-listening":
-                self.metrics_address = str(doc.get("address"))
-            self.events.put(doc if isinstance(doc, dict) else {"event": "_text", "text": line})
-        self.events.put({"event": "_exit"})
+    def on_line(self, line: str, doc: dict[str, Any] | None) -> None:
+        if doc is not None and doc.get("event") == "metrics-listening":
+            self.metrics_address = str(doc.get("address"))
 
-    def wait_for(self, event: str | tuple[str, ...], timeout: float = 60.0,
-                 where: Callable[[dict[str, Any]], bool] | None = None, count: int = 1) -> list[dict[str, Any]]:
-        """Block until `count` log events named `event` (or any of several names; matching `where`) arrived."""
-        names = (event,) if isinstance(event, str) else event
-        deadline = time.monotonic() + timeout
-        got: list[dict[str, Any]] = []
-        while len(got) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out waiting for {count} x {event!r} (got {len(got)});"
-                                     f" last log lines:\n" + "\n".join(self.lines[-15:]))
-            try:
-                doc = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if doc.get("event") == "_exit" and "_exit" not in names:
-                raise AssertionError(f"agent exited ({self.proc.wait()}) while waiting for {event!r}:\n"
-                                     + "\n".join(self.lines[-15:]))
-            if doc.get("event") in names and (where is None or where(doc)):
-                got.append(doc)
-        return got
+    def stop(self, timeout: float = CEILING) -> int:
+        if self.alive() and self.metrics_address:  # what it serves goes to the secrets audit too
+            secrets_audit.REGISTRY.scrape(self.audit_number, self.metrics_address)
+        return super().stop(timeout)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            if self.metrics_address:  # what it serves goes to the secrets audit too
-                secrets_audit.REGISTRY.scrape(self.audit_number, self.metrics_address)
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return code
+    def exited(self, timeout: float = CEILING) -> int:
+        """Its exit code, once it has exited by itself."""
+        return self.finish(timeout)
 
-    def kill(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        code = self.proc.wait(timeout=30)
-        self._reader.join(timeout=5)
-        return code
+    def reaped(self) -> None:
+        secrets_audit.REGISTRY.agent_reaped(self, self.audit_number)  # its log, for the secrets audit
 
-    def exited(self, timeout: float = 60.0) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return code
+
+def new_setup(root: Path, template: Path, **repo: Any) -> Setup:
+    """The usual set-up in `root`: a copy of the `template` keyring, one capture directory of `call`
+    recordings completed by rename, and `repo` as [repository] overrides (e.g. an s3:// url)."""
+    s = Setup(root=root, keyring=make_keyring(root / "keyring", template),
+              watches=[{"path": str(root / "capture"), "kind": "call", "completion": "rename"}])
+    s.repo.update(repo)
+    return s
 
 
 def drop(directory: Path, name: str, data: bytes) -> str:

@@ -1,4 +1,8 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+tests/ is on sys.path (pyproject.toml's [tool.pytest.ini_options] `pythonpath`), so the support modules
+import by name: `support` (the package of shared mechanisms: waits, child processes and their reaper, a
+throwaway CA), and the per-area modules built on it (agent_harness, s3_support, lkm_support, ...)."""
 
 from __future__ import annotations
 
@@ -69,6 +73,26 @@ def codec_keyring() -> Callable[..., CodecTestKeyring]:
     return make
 
 
+# --- the agent as a process (tests/agent_harness.py) --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def keyring_template(tmp_path_factory: pytest.TempPathFactory):
+    """A passphrase-protected keyring made once per session (RSA keygen is slow): tests copy it."""
+    import agent_harness
+
+    return agent_harness.make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
+
+
+@pytest.fixture
+def setup(tmp_path, keyring_template):
+    """The usual agent set-up in tmp_path (agent_harness.new_setup): a copy of the template keyring and
+    one capture directory of `call` recordings completed by rename."""
+    import agent_harness
+
+    return agent_harness.new_setup(tmp_path, keyring_template)
+
+
 # --- S3: moto's ThreadedMotoServer on loopback, a fault proxy in front of it (tests/s3_support.py) -------
 
 
@@ -77,12 +101,8 @@ def moto_server():
     """moto on 127.0.0.1:<random port>, with fake AWS credentials in the environment (real ones hidden)."""
     import s3_support
 
-    with s3_support.aws_test_env():
-        server = s3_support.MotoServer.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with s3_support.moto_running() as server:
+        yield server
 
 
 @pytest.fixture
@@ -105,13 +125,13 @@ def fault_proxy(moto_server):
         proxy.stop()
 
 
-@pytest.fixture(autouse=True)
-def _reap_agents():
-    """No agent subprocess outlives its test, even one that failed before stopping it."""
+@pytest.fixture(scope="session", autouse=True)
+def _reap_session():
+    """No child process outlives the session, even one a module's fixture failed to stop."""
     yield
-    import agent_harness
+    from support import process
 
-    agent_harness.reap()
+    process.reap("session")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,10 +149,10 @@ def _secrets_audit(request: pytest.FixtureRequest):
     command output, metrics scrape, manifest or log file, and every file and directory of the agent's spool
     and filesystem repository 0600 / 0700 (tests/secrets_audit.py). A finding fails the test naming where."""
     yield
-    import agent_harness
     import secrets_audit
+    from support import process
 
-    agent_harness.reap()  # each agent's log lines are registered as it is reaped
+    process.reap("test")  # no child outlives its test; each agent's log lines are registered as it is reaped
     report = secrets_audit.audit_test(request.node)
     if report.findings:
         pytest.fail(report.message(request.node.nodeid), pytrace=False)

@@ -1,7 +1,8 @@
 """Test support for custody outages during decrypt and export (tests/test_reliability_export.py).
 
-- `Command`: a `mediaseal ...` child process whose stderr lines are collected with their arrival times
-  (a thread reads them), so a test can act on "the first recording was exported" and time recovery.
+- `Command`: a `mediaseal ...` child process (support.process.Child) whose stderr lines are collected
+  with their arrival times, so a test can act on "the first recording was exported" and time recovery.
+  Every child is reaped by support.process's one reaper.
 - `LKMProcess`: the reference Local Key Manager as a real `mediaseal lkm serve` process on loopback
   (HTTPS), started on a port of the OS's choosing, SIGKILLed for real and restarted on the same port.
 - `Corpus`: recordings with the marker pattern (reliability_support.recording), sealed to a keyring's
@@ -16,18 +17,16 @@ import collections
 import hashlib
 import io
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reliability_support import Check, Ledger, recording
+from support import process
+from support.process import child_env
+from support.waits import CEILING
 
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
@@ -37,96 +36,23 @@ CAPTURED_AT = "2026-11-28T10:00:00Z"
 EXPORTED = re.compile(r"^export: exported (\S+): ")
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The test's environment (moto's fake AWS credentials included) without MEDIASEAL_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+# -- child processes (support.process) ------------------------------------------------------------------
 
 
-# -- child processes ---------------------------------------------------------------------------------------
-
-
-_CHILDREN: list[subprocess.Popen[bytes]] = []
-
-
-def reap() -> None:
-    """Kill every child this module started that is still running (a failed test skips its clean-up)."""
-    while _CHILDREN:
-        proc = _CHILDREN.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
-class Command:
-    """`python -m agent.cli ARGS` as a child; stderr lines (with monotonic arrival times) and stdout."""
+class Command(process.Child):
+    """`python -m mediaseal.agent.cli ARGS` as a child: stderr lines with their arrival times, and stdout."""
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
         self.args = args
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "mediaseal.agent.cli", *args], env=env, cwd=cwd,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _CHILDREN.append(self.proc)
-        self.lines: list[tuple[float, str]] = []
-        self.stdout = ""
-        self.ended: float | None = None
-        self._cond = threading.Condition()
-        self._eof = False
-        self._threads = [threading.Thread(target=self._read_err, daemon=True),
-                         threading.Thread(target=self._read_out, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        self.stdout = self.proc.stdout.read().decode(errors="replace")
-
-    def wait_line(self, pattern: re.Pattern[str], timeout: float = 60.0) -> float:
-        """The arrival time of the first stderr line matching `pattern` (waits for it)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for t, line in self.lines:
-                    if pattern.search(line):
-                        return t
-                left = deadline - time.monotonic()
-                if self._eof or left <= 0:
-                    raise AssertionError(f"no line matching {pattern.pattern!r} from {self.args[:1]}"
-                                         f" (exit {self.proc.poll()}):\n{self.stderr[-3000:]}")
-                self._cond.wait(left)
-
-    def finish(self, timeout: float = 120.0) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.ended = self.ended or time.monotonic()
-        for t in self._threads:
-            t.join(timeout=10)
-        return code
-
-    @property
-    def stderr(self) -> str:
-        with self._cond:
-            return "\n".join(line for _, line in self.lines)
+        super().__init__(process.mediaseal_argv(*args), env=env, cwd=cwd, capture_stdout=True, name=args[0])
 
     def exported(self) -> list[str]:
         """Source keys this run reported as exported, in order."""
-        with self._cond:
-            return [m.group(1) for _, line in self.lines if (m := EXPORTED.match(line))]
+        return [m.group(1) for line in self.stderr.splitlines() if (m := EXPORTED.match(line))]
 
     def first_exported(self) -> float | None:
-        with self._cond:
-            return next((t for t, line in self.lines if EXPORTED.match(line)), None)
+        """When the first `export: exported` line came (monotonic clock)."""
+        return next((t for t, line in self.timed_lines() if EXPORTED.match(line)), None)
 
 
 def one_error_line(cmd: Command, code: int) -> str:
@@ -151,8 +77,10 @@ class LKMWorld:
     credential: Path
 
     def client_args(self, url: str) -> list[str]:
+        """The client's options. Its per-request timeout is generous: a SIGKILLed LKM resets connections (the
+        client learns at once), so the timeout only ever cuts a slow answer, which a loaded machine gives."""
         return ["--lkm", url, "--lkm-credentials", str(self.credential), "--lkm-ca", str(self.pki.ca),
-                "--lkm-timeout", "5"]
+                "--lkm-timeout", "30"]
 
 
 class LKMProcess:
@@ -162,59 +90,40 @@ class LKMProcess:
         self.world = world
         self.audit_log = audit_log
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lines: list[str] = []
+        self.child: process.Child | None = None  # the running (or last) process
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> LKMProcess:
+    def start(self, timeout: float = CEILING) -> LKMProcess:
         w = self.world
         env = child_env(MEDIASEAL_KEYRING_PASSPHRASE=w.passphrase.decode())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mediaseal.agent.cli", "lkm", "serve", "--keyring", str(w.keyring), "--clients",
-             str(w.clients), "--audit-log", str(self.audit_log), "--tls-cert", str(w.pki.server_cert),
-             "--tls-key", str(w.pki.server_key), "--listen", f"127.0.0.1:{self.port}", "--rotation-check", "0",
-             "--log-format", "json"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=w.dir)
-        _CHILDREN.append(proc)
-        self.proc = proc
-        ready = threading.Event()
-        url: list[str] = []
-
-        def read() -> None:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(doc, dict) and doc.get("event") == "listening":
-                    url.append(str(doc["url"]))
-                    ready.set()
-            ready.set()  # exited before listening: the assertion below says so
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(timeout)
-        assert url, "the LKM did not start:\n" + "\n".join(self.lines[-10:])
-        port = int(url[0].rsplit(":", 1)[1])
+        child = process.Child(
+            process.mediaseal_argv(
+                "lkm", "serve", "--keyring", w.keyring, "--clients", w.clients, "--audit-log", self.audit_log,
+                "--tls-cert", w.pki.server_cert, "--tls-key", w.pki.server_key, "--listen", f"127.0.0.1:{self.port}",
+                "--rotation-check", "0", "--log-format", "json"),
+            env=env, cwd=w.dir, name="the LKM")
+        self.child = child
+        (listening,) = child.wait_for("listening", timeout=timeout)
+        port = int(str(listening["url"]).rsplit(":", 1)[1])
         assert self.port in (0, port)
         self.port = port
         return self
 
+    @property
+    def lines(self) -> list[str]:
+        return self.child.lines if self.child is not None else []
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no goodbye to clients, sockets reset by the kernel."""
-        assert self.proc is not None and self.proc.poll() is None, "the LKM is not running"
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(timeout=30) == -signal.SIGKILL
+        assert self.child is not None and self.child.alive(), "the LKM is not running"
+        assert self.child.kill() == -signal.SIGKILL
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
+        if self.child is not None:
+            self.child.stop()
 
 
 # -- recordings in a repository ----------------------------------------------------------------------------

@@ -17,69 +17,52 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from support import process
+from support.waits import CEILING
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = Path(__file__).resolve().parent / "hostile_servers.py"
 
 
-class ServerProcess:
-    """A server subprocess: its stderr collected by a thread, its URL from its first words, its memory from /proc."""
+URL = re.compile(r"(https?://(?:127\.0\.0\.1|localhost):\d+)")
 
-    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
-        self.proc, self.url = proc, url
-        self.port = int(url.rsplit(":", 1)[1].split("/")[0])
-        self.lines: list[str] = []
-        self._reader: threading.Thread | None = None
+
+class ServerProcess(process.Child):
+    """A server subprocess (support.process.Child): its stderr collected by a thread, its URL from its first
+    words, its memory from /proc. Started by a module's fixture, so the reaper leaves it to that fixture's
+    stop() until the end of the session."""
+
+    def __init__(self, kind: str, cfg: Path, env: dict[str, str]) -> None:
+        super().__init__([sys.executable, LAUNCHER, kind, cfg], env=env, cwd=ROOT, lifetime="session",
+                         name=f"the {kind} server")
+        self.url = ""
+        self.port = 0
 
     @classmethod
-    def start(cls, kind: str, config: dict[str, Any], d: Path, timeout: float = 60) -> ServerProcess:
+    def start(cls, kind: str, config: dict[str, Any], d: Path, timeout: float = CEILING) -> ServerProcess:
         d.mkdir(parents=True, exist_ok=True)
         cfg = d / f"{kind}.json"
         cfg.write_text(json.dumps(config, default=str))
         cfg.chmod(0o600)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
+        env = process.child_env()
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.Popen([sys.executable, str(LAUNCHER), kind, str(cfg)], cwd=ROOT, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        url = None
-        while url is None and time.monotonic() < deadline:
-            raw = proc.stderr.readline()
-            if not raw:
-                break
-            line = raw.decode("utf-8", "replace")
-            seen.append(line)
-            m = re.search(r"(https?://(?:127\.0\.0\.1|localhost):\d+)", line)
-            url = m.group(1) if m else None
-        if url is None:
-            proc.kill()
-            proc.wait(10)
-            raise RuntimeError(f"{kind} server did not start: {''.join(seen)}")
-        srv = cls(proc, url)
-        srv.lines += seen
-        srv._reader = threading.Thread(target=srv._read, name=f"{kind}-stderr", daemon=True)
-        srv._reader.start()
+        srv = cls(kind, cfg, env)
+        try:
+            srv.url = srv.wait_line(URL, timeout).match.group(1)
+        except AssertionError as e:
+            srv.kill()
+            raise RuntimeError(f"{kind} server did not start: {e}") from None
+        srv.port = int(srv.url.rsplit(":", 1)[1].split("/")[0])
         return srv
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.lines.append(raw.decode("utf-8", "replace"))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def _status(self, field_name: str) -> int:
         """A /proc/<pid>/status field in bytes (VmRSS, VmHWM)."""
@@ -111,19 +94,12 @@ class ServerProcess:
                 out.append(rest[0].strip()[:160] if rest else "Traceback (unfinished)")
         return out
 
-    def stop(self, timeout: float = 30) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+    def stop(self, timeout: float = CEILING) -> int:
+        """SIGTERM; SIGKILL if it has not exited within `timeout`."""
         try:
-            code = self.proc.wait(timeout)
+            return super().stop(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
-        if self._reader is not None:
-            self._reader.join(10)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return code
+            return self.kill()
 
 
 # -- the raw client -----------------------------------------------------------------------------------------

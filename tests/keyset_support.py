@@ -1,4 +1,4 @@
-"""Test support for key set sources: a throwaway CA and an HTTPS key set server on loopback.
+"""Test support for key set sources: a throwaway CA (support.pki) and an HTTPS key set server on loopback.
 
     ca = TestCA.make(tmp_path)                    # ca.pem, server.pem, server.key for 127.0.0.1
     server = KeySetServer(ca).start()             # https://127.0.0.1:<port>/keyset.json
@@ -14,22 +14,21 @@ subprocesses alike can use it. It honours If-None-Match (304 when the ETag match
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
-import ipaddress
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from support.pki import ThrowawayCA
+from support.waits import CEILING
 
 
-@dataclass
+@dataclass(frozen=True)
 class TestCA:
+    """support.pki's throwaway CA as the key set server uses it: the CA certificate and one server
+    certificate for `host` (its only subject alternative name)."""
+
     ca_pem: Path
     cert_pem: Path
     key_pem: Path
@@ -39,37 +38,9 @@ class TestCA:
     @classmethod
     def make(cls, directory: Path, host: str = "127.0.0.1") -> TestCA:
         directory.mkdir(parents=True, exist_ok=True)
-        now = dt.datetime.now(dt.UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mediaseal test CA")])
-        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-              .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-              .not_valid_after(now + dt.timedelta(days=1))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                           content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                           key_agreement=False, encipher_only=False, decipher_only=False),
-                             critical=True)
-              .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-              .sign(ca_key, hashes.SHA256()))
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
-                               critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        out = cls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-        out.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        out.cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out.key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-        return out
+        ca = ThrowawayCA("mediaseal test CA")
+        server = ca.issue(directory, "server", host, hosts=(host,))
+        return cls(ca.write(directory / "ca.pem"), server.cert, server.key)
 
 
 class KeySetServer:
@@ -109,7 +80,7 @@ class KeySetServer:
 
         self._thread = threading.Thread(target=run, name="keyset-https", daemon=True)
         self._thread.start()
-        assert ready.wait(10), "key set server did not start"
+        assert ready.wait(CEILING), "key set server did not start"
         return self
 
     async def _start(self) -> None:
@@ -143,9 +114,9 @@ class KeySetServer:
         if self._loop is None:
             return
         loop = self._loop
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(CEILING)
         loop.call_soon_threadsafe(loop.stop)
         assert self._thread is not None
-        self._thread.join(10)
+        self._thread.join(CEILING)
         loop.close()
         self._loop = None

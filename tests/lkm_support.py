@@ -1,4 +1,4 @@
-"""Test support for the Local Key Manager: a throwaway PKI, clients files, and the service on loopback.
+"""Test support for the Local Key Manager: a PKI (of support.pki), clients files, and the service on loopback.
 
 >>> pki = make_pki(tmp_path)                        # CA, server cert (localhost/127.0.0.1), client certs
 >>> with LKMServer(config(tmp_path, keyring, pki, clients_file)) as srv:
@@ -11,21 +11,15 @@ with real TLS, so tests talk to it exactly as a remote client would (and can rea
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import http.client
-import ipaddress
 import json
-import os
 import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.pki import ThrowawayCA, write_file
 
 from mediaseal.keys.lkm.config import ServiceConfig
 from mediaseal.keys.lkm.service import LKMService
@@ -47,79 +41,18 @@ class PKI:
     rogue: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # same names, issued by `other_ca`
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:
-    path.write_bytes(data)
-    os.chmod(path, mode)
-    return path
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, *, server: bool,
-          ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    if server:
-        san = x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        eku = ExtendedKeyUsageOID.SERVER_AUTH
-    else:
-        san = x509.SubjectAlternativeName([x509.DNSName(cn)])
-        eku = ExtendedKeyUsageOID.CLIENT_AUTH
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(san, critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return key, cert
-
-
 def make_pki(d: Path, client_names: tuple[str, ...] = ("export-1", "admin-1", "stranger")) -> PKI:
     """A CA, a server certificate for localhost/127.0.0.1, client certificates, and the same from a second CA."""
     d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _ca("mediaseal test CA")
-    other_key, other_cert = _ca("untrusted test CA")
-    pem = serialization.Encoding.PEM
-    pki = PKI(d, _write(d / "ca.pem", ca_cert.public_bytes(pem), 0o644),
-              _write(d / "other-ca.pem", other_cert.public_bytes(pem), 0o644), d / "server.pem", d / "server.key")
-    key, cert = _leaf(ca_key, ca_cert, "localhost", server=True)
-    _write(pki.server_cert, cert.public_bytes(pem), 0o644)
-    _write(pki.server_key, _key_pem(key))
+    ca, other = ThrowawayCA("mediaseal test CA"), ThrowawayCA("untrusted test CA")
+    server = ca.issue(d, "server", "localhost", hosts=("localhost", "127.0.0.1"))
+    pki = PKI(d, ca.write(d / "ca.pem"), other.write(d / "other-ca.pem"), server.cert, server.key)
     # A server certificate from the untrusted CA (for "the client does not trust the server").
-    key, cert = _leaf(other_key, other_cert, "localhost", server=True)
-    _write(d / "rogue-server.pem", cert.public_bytes(pem), 0o644)
-    _write(d / "rogue-server.key", _key_pem(key))
+    other.issue(d, "rogue-server", "localhost", hosts=("localhost", "127.0.0.1"))
     for name in client_names:
-        for issuer_key, issuer_cert, table, prefix in ((ca_key, ca_cert, pki.clients, ""),
-                                                       (other_key, other_cert, pki.rogue, "rogue-")):
-            key, cert = _leaf(issuer_key, issuer_cert, name, server=False)
-            table[name] = (_write(d / f"{prefix}{name}.pem", cert.public_bytes(pem), 0o644),
-                           _write(d / f"{prefix}{name}.key", _key_pem(key)))
+        for issuer, table, prefix in ((ca, pki.clients, ""), (other, pki.rogue, "rogue-")):
+            leaf = issuer.issue(d, f"{prefix}{name}", name, client=True)
+            table[name] = (leaf.cert, leaf.key)
     return pki
 
 
@@ -132,11 +65,11 @@ def secret(tag: str) -> str:
 
 def write_clients(path: Path, clients: list[dict[str, Any]]) -> Path:
     """A clients file (JSON), mode 0600."""
-    return _write(path, json.dumps({"clients": clients}, indent=2).encode())
+    return write_file(path, json.dumps({"clients": clients}, indent=2).encode())
 
 
 def write_credential(path: Path, cred_id: str, tag: str | None = None) -> Path:
-    return _write(path, json.dumps({"id": cred_id, "secret": secret(tag or cred_id)}).encode())
+    return write_file(path, json.dumps({"id": cred_id, "secret": secret(tag or cred_id)}).encode())
 
 
 # -- the server ----------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent_harness import PASSPHRASE, ROOT, Agent, Setup, decrypt_all, drop, spool_files
+from agent_harness import new_setup as new_setup  # the rows' set-up; importers take it from here
 
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
@@ -97,7 +97,7 @@ def restart_and_drain(setup: Setup, timeout: float = 180.0, env: dict[str, str] 
     """The final clean run: start the agent, time it to "ready" and to drained, then stop it (exit 0)."""
     t0 = time.monotonic()
     agent = Agent(setup, env=env)
-    agent.wait_for("ready", timeout=60)
+    agent.wait_for("ready")
     r = Restart(agent, time.monotonic() - t0)
     drain_running(agent, setup, timeout)
     r.drain = time.monotonic() - t0
@@ -398,11 +398,3 @@ def write_report(elapsed: float) -> None:
     if REPORT and (FIGURES or HOSTILE):
         DOC.write_text(render(elapsed))
 
-
-def new_setup(root: Path, keyring: Path, **repo: Any) -> Setup:
-    from agent_harness import make_keyring
-
-    s = Setup(root=root, keyring=make_keyring(root / "keyring", keyring),
-              watches=[{"path": str(root / "capture"), "kind": "call", "completion": "rename"}])
-    s.repo.update(repo)
-    return s

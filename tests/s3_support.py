@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from support.waits import CEILING
+
 TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -101,6 +103,18 @@ class MotoServer:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+@contextlib.contextmanager
+def moto_running() -> Iterator[MotoServer]:
+    """moto on loopback, inside aws_test_env(), for the duration (the suite's session fixture and the
+    S3 benchmarks' fixture)."""
+    with aws_test_env():
+        server = MotoServer.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def unique_bucket(tag: str = "b") -> str:
@@ -215,7 +229,7 @@ class FaultProxy:
     def stop(self) -> None:
         self._run(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._thread.join(CEILING)
         if not self._thread.is_alive():
             self._loop.close()
 
@@ -277,7 +291,7 @@ class FaultProxy:
     # -- the loop side ----------------------------------------------------------------------------------
 
     def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CEILING)
 
     async def _listen(self) -> None:
         if self._server is not None:

@@ -198,7 +198,8 @@ class Registry:
         """/metrics, /readyz and /healthz of a running agent (before the harness stops it)."""
         for path in ("/metrics", "/readyz", "/healthz"):
             try:
-                with urllib.request.urlopen(f"http://{address}{path}", timeout=2) as resp:
+                # 30 s: a loaded machine answers slowly, and a scrape cut short would go unaudited.
+                with urllib.request.urlopen(f"http://{address}{path}", timeout=30) as resp:
                     body = resp.read()
             except urllib.error.HTTPError as e:  # /readyz answers 503 with its reasons
                 body = e.read()

@@ -22,25 +22,11 @@ from agent_harness import (
     Setup,
     decrypt_all,
     drop,
-    make_keyring,
     packages,
     spool_files,
 )
 
 from mediaseal.keys.keyring import Keyring
-
-
-@pytest.fixture(scope="session")
-def keyring_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
-
-
-@pytest.fixture
-def setup(tmp_path: Path, keyring_template: Path) -> Setup:
-    kr = make_keyring(tmp_path / "keyring", keyring_template)
-    return Setup(root=tmp_path, keyring=kr, watches=[
-        {"path": str(tmp_path / "capture"), "kind": "call", "completion": "rename"},
-    ])
 
 
 def assert_delivered_once(setup: Setup, ledger: dict[str, str]) -> None:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from agent_harness import PASSPHRASE, Agent, Setup, drop, make_keyring, spool_files
 from s3_support import boto3_client, make_kms_key, unique_bucket
 
@@ -22,11 +21,6 @@ from mediaseal.keys.keyring import Keyring
 
 MiB = 1 << 20
 PREFIX = "site-a"
-
-
-@pytest.fixture(scope="module")
-def keyring_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
 
 
 def s3_setup(tmp_path: Path, template: Path, endpoint: str, bucket: str, **repo: Any) -> Setup:

@@ -10,20 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_harness import Agent, Setup, decrypt_all, drop, make_keyring, spool_files
+from agent_harness import Agent, Setup, decrypt_all, drop, spool_files
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def keyring_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
-
-
-@pytest.fixture
-def setup(tmp_path: Path, keyring_template: Path) -> Setup:
-    return Setup(root=tmp_path, keyring=make_keyring(tmp_path / "keyring", keyring_template),
-                 watches=[{"path": str(tmp_path / "capture"), "kind": "call", "completion": "rename"}])
 
 
 @pytest.fixture

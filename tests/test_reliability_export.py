@@ -35,18 +35,17 @@ from custody_support import (
     LKMProcess,
     LKMWorld,
     check_export,
-    child_env,
     dir_store,
     merge,
     one_error_line,
     read_destination,
-    reap,
     s3_store,
     snapshot_dir,
     snapshot_s3,
     wrong_objects,
 )
 from reliability_support import Check, assert_zero, plaintext_hits, record, sized
+from support.process import child_env, reap
 
 from mediaseal.keys.keyring import Keyring
 from mediaseal.keys.kms import KmsOptions

@@ -25,25 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import ROOT, Agent, Setup, drop, make_keyring
+from agent_harness import ROOT, Agent, Setup, drop
 
 from mediaseal.buffer.spool import Manifest
 from mediaseal.plumbing.notify import Notifier, notify_address, watchdog_seconds
 
 WATCHDOG_USEC = 1_200_000  # WatchdogSec=1.2 s: pings must come less than 0.6 s apart (they come every 0.4 s)
-
-
-@pytest.fixture(scope="module")
-def keyring_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_keyring(tmp_path_factory.mktemp("kr") / "keyring")
-
-
-@pytest.fixture
-def setup(tmp_path: Path, keyring_template: Path) -> Setup:
-    kr = make_keyring(tmp_path / "keyring", keyring_template)
-    return Setup(root=tmp_path, keyring=kr, watches=[
-        {"path": str(tmp_path / "capture"), "kind": "call", "completion": "rename"},
-    ])
 
 
 # -- a stand-in for systemd's notification socket ----------------------------------------------------

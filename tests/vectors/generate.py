@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -37,9 +39,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 HERE = Path(__file__).resolve().parent
 KAT_PATH = HERE / "mseal-v1-kat.json"
-sys.path.insert(0, str(HERE.parent))  # tests/, for independent_decoder
 
-import independent_decoder as spec  # noqa: E402
+
+def _independent_decoder() -> ModuleType:
+    """tests/independent_decoder.py: the module already imported (under pytest, tests/ is on sys.path), or
+    loaded from its file when this runs as a script from anywhere (without editing sys.path)."""
+    if (module := sys.modules.get("independent_decoder")) is not None:
+        return module
+    found = importlib.util.spec_from_file_location("independent_decoder", HERE.parent / "independent_decoder.py")
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    sys.modules["independent_decoder"] = module  # (its dataclasses look their module up there)
+    found.loader.exec_module(module)
+    return module
+
+
+spec = _independent_decoder()
 
 LABEL_PREFIX = b"mediaseal-kat/v1 "
 TEST_KEY_NOTE = "TEST ONLY - published in the repository; never use this key for real recordings"
