@@ -49,6 +49,9 @@ def test_mediaseal_is_imported_from_the_installed_wheel() -> None:
 
 def test_every_package_of_the_tree_is_in_the_installed_distribution() -> None:
     """A hand-written package list once left keys.lkm out of the wheel: compare with the tree itself."""
+    direct = installed().read_text("direct_url.json")
+    if direct and json.loads(direct).get("dir_info", {}).get("editable"):
+        pytest.skip("an editable install (make dev) lists no package files; make test installs the wheel")
     files = {str(f) for f in installed().files or ()}
     in_tree = [init.relative_to(ROOT) for name in folders() for init in sorted((ROOT / name).rglob("__init__.py"))]
     assert in_tree

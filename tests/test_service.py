@@ -30,7 +30,7 @@ from agent_harness import ROOT, Agent, Setup, drop
 from mediaseal.buffer.spool import Manifest
 from mediaseal.plumbing.notify import Notifier, notify_address, watchdog_seconds
 
-WATCHDOG_USEC = 1_200_000  # WatchdogSec=1.2 s: pings must come less than 0.6 s apart (they come every 0.4 s)
+WATCHDOG_USEC = 1_200_000  # WatchdogSec=1.2 s: pings every 0.4 s, never a gap of 1.2 s
 
 
 # -- a stand-in for systemd's notification socket ----------------------------------------------------
@@ -188,7 +188,10 @@ def test_sd_notify_lifecycle_ready_watchdog_status_stopping(setup: Setup, tmp_pa
         fake.wait_for(lambda d: len(fake.messages("WATCHDOG")) >= first + 4, timeout=10)
         pings = [d.at for d in fake.messages("WATCHDOG")]
         gaps = [b - a for a, b in itertools.pairwise(pings)]
-        assert max(gaps) < WATCHDOG_USEC / 1e6 / 2, gaps
+        # Pings come every third of WatchdogSec; systemd acts only when one is later than WatchdogSec, so
+        # that is the bound that must hold on a loaded machine (an event loop busy in Python, or a
+        # pinger that stopped, breaks it; scheduling jitter of a few hundred ms does not).
+        assert max(gaps) < WATCHDOG_USEC / 1e6, gaps
 
         agent.proc.send_signal(signal.SIGTERM)
         stopping = fake.wait_for(lambda d: d.fields.get("STOPPING") == "1")

@@ -41,29 +41,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from support.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 INSIDE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGER": "",
               "SYSTEMD_COLORS": "0", "DEBIAN_FRONTEND": "noninteractive", "TERM": "dumb"}
-T = TypeVar("T")
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.25) -> T:
-    """Poll `probe` until it returns something other than None (or False); fail past `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got is not None and got is not False:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 # -- the package ------------------------------------------------------------------------------------
@@ -127,10 +114,11 @@ class Machine:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
         try:
-            self.init_pid = wait_until("the container's PID 1", self._find_init, timeout)
+            self.init_pid = wait_until(self._find_init, what="the container's PID 1", timeout=timeout, interval=0.25)
             # No answer (or "offline") until PID 1 listens on its private socket; then --wait blocks until
             # the boot is done.
-            wait_until("the container's systemd to answer", lambda: self._state() not in ("", "offline"), timeout)
+            wait_until(lambda: self._state() not in ("", "offline"), what="the container's systemd to answer",
+                       timeout=timeout, interval=0.25)
             state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).stdout.strip()
         except AssertionError as e:
             self.poweroff()

@@ -42,7 +42,8 @@ from typing import Any
 import pytest
 from agent_harness import PASSPHRASE, decrypt_all, make_keyring, write_config
 from debian_root import debian_root, require_root_tools
-from nspawn_support import ROOT, Machine, build_deb, exposure, timestamp, wait_until
+from nspawn_support import ROOT, Machine, build_deb, exposure, timestamp
+from support.waits import wait_until
 
 pytestmark = pytest.mark.timeout(3600)  # the first run builds a root (minutes) and the .deb (minutes)
 
@@ -242,11 +243,12 @@ def test_a_recording_is_sealed_and_delivered(machine: Machine, started: dict[str
     data = os.urandom(3 * 1024 * 1024 + 17)
     digest = drop_recording(machine, "call-0001.wav", data)
     repository = machine.path(REPOSITORY)
-    wait_until("a package in the repository", lambda: list(repository.rglob("*.mseal")) or None, 180)
-    wait_until("the source disposed of", lambda: not (machine.path(CAPTURE) / "call-0001.wav").exists(), 180)
+    wait_until(lambda: list(repository.rglob("*.mseal")), what="a package in the repository", timeout=180)
+    wait_until(lambda: not (machine.path(CAPTURE) / "call-0001.wav").exists(), what="the source disposed of",
+               timeout=180)
     keyring, _ = keys
     assert decrypt_all(repository, keyring) == {"call-0001.wav": [digest]}
-    wait_until("the delivery logged", lambda: agent_events(machine, "delivered") or None, 60)
+    wait_until(lambda: agent_events(machine, "delivered"), what="the delivery logged", timeout=60)
 
 
 def test_a_stopped_agent_is_killed_by_the_watchdog_and_restarted(machine: Machine, started: dict[str, str],
@@ -263,7 +265,7 @@ def test_a_stopped_agent_is_killed_by_the_watchdog_and_restarted(machine: Machin
         return now if int(now["NRestarts"]) > int(before["NRestarts"]) and fresh and now["ActiveState"] == "active" \
             else None
 
-    after = wait_until("the watchdog's restart", restarted, WATCHDOG_SEC + 45 + 240, every=0.5)
+    after = wait_until(restarted, what="the watchdog's restart", timeout=WATCHDOG_SEC + 45 + 240, interval=0.5)
     seconds = time.monotonic() - stopped_at
     record_property("watchdog_restart_seconds", round(seconds, 1))
     print(f"SIGSTOP -> watchdog kill -> active again: {seconds:.1f}s (WatchdogSec={WATCHDOG_SEC}s)")
@@ -281,7 +283,7 @@ def test_a_stopped_agent_is_killed_by_the_watchdog_and_restarted(machine: Machin
     data = os.urandom(256 * 1024)
     digest = drop_recording(machine, "call-0002.wav", data)
     repository = machine.path(REPOSITORY)
-    wait_until("the second package", lambda: len(list(repository.rglob("*.mseal"))) == 2 or None, 180)
+    wait_until(lambda: len(list(repository.rglob("*.mseal"))) == 2, what="the second package", timeout=180)
     keyring, _ = keys
     assert decrypt_all(repository, keyring)["call-0002.wav"] == [digest]
     assert after["SubState"] == "running"
