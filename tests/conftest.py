@@ -177,3 +177,34 @@ def _reliability_report():
     import reliability_support
 
     reliability_support.write_report(time.monotonic() - t0)
+
+
+# --- real KEKs without the wait: RSA-3072 generation is slow, so a few are made once per module -------
+
+
+@pytest.fixture(scope="module")
+def kek_pool() -> list[rsa.RSAPrivateKey]:
+    from mediaseal.keys.keyring import generate_kek
+
+    return [generate_kek() for _ in range(4)]
+
+
+@pytest.fixture
+def pooled_keks(kek_pool: list[rsa.RSAPrivateKey], monkeypatch: pytest.MonkeyPatch) -> list[rsa.RSAPrivateKey]:
+    """Keyrings made in this test get kek_pool[0], kek_pool[1], ... in order (distinct within a test).
+
+    The keys are real RSA-3072 keys from the keyring's own generator; only *when* they are generated
+    changes. A test that needs more than the pool holds fails with that reason.
+    """
+    import mediaseal.keys.keyring
+
+    it = iter(kek_pool)
+
+    def next_kek() -> rsa.RSAPrivateKey:
+        kek = next(it, None)
+        assert kek is not None, "test needs more pooled KEKs than the pool holds"
+        return kek
+
+    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", next_kek)
+    monkeypatch.delenv("MEDIASEAL_KEYRING_PASSPHRASE", raising=False)
+    return kek_pool

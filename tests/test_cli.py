@@ -10,27 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.process import one_line_error, run_cli
 
 PASS = "cli test passphrase"
 
 
 def ms(*args: str | Path, env: dict[str, str] | None = None, input: bytes | None = None,
        passphrase: bool = True) -> subprocess.CompletedProcess[bytes]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-    if passphrase:
-        e["MEDIASEAL_KEYRING_PASSPHRASE"] = PASS
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *map(str, args)], env=e, input=input,
-                          capture_output=True, timeout=120, check=False)
-
-
-def one_line_error(r: subprocess.CompletedProcess[bytes]) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == 1, (r.returncode, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mediaseal: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return run_cli(*args, env={**({"MEDIASEAL_KEYRING_PASSPHRASE": PASS} if passphrase else {}), **(env or {})},
+                   input=input)
 
 
 @pytest.fixture(scope="module")

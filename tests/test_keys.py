@@ -16,7 +16,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-import mediaseal.keys.keyring
 from mediaseal import codec
 from mediaseal.keys import (
     ACTIVE,
@@ -61,23 +60,12 @@ RFC7638_THUMBPRINT = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 # -- shared keys: RSA-3072 generation is slow, so a few real KEKs are made once and handed out -----
 
-@pytest.fixture(scope="module")
-def pool() -> list[rsa.RSAPrivateKey]:
-    return [mediaseal.keys.keyring.generate_kek() for _ in range(4)]
+@pytest.fixture
+def pool(pooled_keks: list[rsa.RSAPrivateKey]) -> list[rsa.RSAPrivateKey]:
+    return pooled_keks
 
 
-@pytest.fixture(autouse=True)
-def _pooled_keks(pool, monkeypatch):
-    """Each test's keyrings get pool[0], pool[1], ... in order (distinct within a test)."""
-    it = iter(pool)
-
-    def next_kek() -> rsa.RSAPrivateKey:
-        kek = next(it, None)
-        assert kek is not None, "test needs more pooled KEKs than the pool holds"
-        return kek
-
-    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", next_kek)
-    monkeypatch.delenv("MEDIASEAL_KEYRING_PASSPHRASE", raising=False)
+pytestmark = pytest.mark.usefixtures("pooled_keks")
 
 
 def seal_package(recipient: codec.Recipient, data: bytes) -> bytes:

@@ -20,7 +20,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from keyset_support import KeySetServer, TestCA
 
-import mediaseal.keys.keyring
 from mediaseal.agent import metrics
 from mediaseal.agent.config import KeysConfig
 from mediaseal.agent.keysource import PublicKeys
@@ -38,16 +37,7 @@ from mediaseal.keys.sources import (
     open_keyset_source,
 )
 
-
-@pytest.fixture(scope="module")
-def kek_pool() -> list[rsa.RSAPrivateKey]:
-    return [mediaseal.keys.keyring.generate_kek() for _ in range(3)]
-
-
-@pytest.fixture(autouse=True)
-def _pooled(kek_pool, monkeypatch):
-    it = iter(kek_pool)
-    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", lambda: next(it))
+pytestmark = pytest.mark.usefixtures("pooled_keks")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 
 import lkm_support as ls
 import pytest
+from support.process import one_line_error, run_cli
 
 from mediaseal import codec
 from mediaseal.keys.keyring import Keyring
@@ -29,19 +30,7 @@ CLIENTS = [{"name": "export-1", "roles": ["unwrap"], "cert_names": ["export-1"],
 
 
 def ms(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", *map(str, args)], env=e, capture_output=True,
-                          timeout=timeout, check=False)
-
-
-def one_line_error(r: subprocess.CompletedProcess[bytes]) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == 1, (r.returncode, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mediaseal: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

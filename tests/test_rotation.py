@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyset_support import KeySetServer, TestCA
 from test_keyset_sources import tampered
 
-import mediaseal.keys.keyring
 from mediaseal import codec
 from mediaseal.export.rewrap import retire_key, rewrap_repository
 from mediaseal.keys.errors import KeyStateError
@@ -36,15 +35,7 @@ from mediaseal.keys.rotation import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def kek_pool() -> list[rsa.RSAPrivateKey]:
-    return [mediaseal.keys.keyring.generate_kek() for _ in range(4)]
-
-
-@pytest.fixture(autouse=True)
-def _pooled(kek_pool, monkeypatch):
-    it = iter(kek_pool)
-    monkeypatch.setattr(mediaseal.keys.keyring, "generate_kek", lambda: next(it))
+pytestmark = pytest.mark.usefixtures("pooled_keks")
 
 
 def t(text: str) -> datetime:

@@ -63,6 +63,23 @@ def mediaseal_argv(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "mediaseal.agent.cli", *map(str, args)]
 
 
+def run_cli(*args: str | Path, env: Mapping[str, str] | None = None, input: bytes | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """One `mediaseal ARGS` to completion, in the test's environment (`child_env`) plus `env`."""
+    return subprocess.run(mediaseal_argv(*args), env=child_env(env), input=input, capture_output=True,
+                          timeout=timeout, check=False)
+
+
+def one_line_error(r: subprocess.CompletedProcess[bytes]) -> str:
+    """The single `mediaseal: error: ...` line an expected failure prints (exit 1, no traceback)."""
+    err = r.stderr.decode()
+    assert r.returncode == 1, (r.returncode, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mediaseal: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 @dataclass(frozen=True)
 class Line:
     """A stderr line that matched: when it came, the line, and the match."""
