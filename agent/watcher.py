@@ -142,7 +142,7 @@ class Watcher:
                 RESCANS.inc()
                 await self._emit(out, self._scanner.full(), executor)
                 next_full = loop.time() + self._rescan_seconds
-                log.info("rescan-done", extra={"fields": {"next_in": self._rescan_seconds}})
+                log.debug("rescan-done", extra={"fields": {"next_in": self._rescan_seconds}})  # every 30 s: debug
             else:
                 items = [(i, self._scanner.watches[i].path) for i in self._flooded]
                 items += [(i, p) for i, paths in self._hints.items() if i not in self._flooded for p in paths]

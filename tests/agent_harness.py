@@ -117,7 +117,8 @@ class Agent:
         cfg = setup.config()
         self.audit_number = secrets_audit.REGISTRY.agent_started(self)  # set-up, keyring, secrets: audited
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Debug level: tests synchronise on `rescan-done`, a debug event since issue 14.
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1", "MEDIASEAL_LOG_LEVEL": "debug", **(env or {})}
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "mediaseal.agent.cli", "run", "--config", str(cfg),
              "--log-format", "json"],
@@ -217,8 +218,9 @@ def decrypt_all(repository: Path, keyring: Path) -> dict[str, list[str]]:
 
 def spool_files(spool: Path) -> list[Path]:
     """The spool's work in progress: staging files, packages, manifests (not `kept/` markers, nor the
-    saved key set `keyset.json`, which stay by design)."""
-    return [p for p in spool.rglob("*") if p.is_file() and p.parent.name != "kept" and p != spool / "keyset.json"]
+    saved key set `keyset.json`, nor the ownership lock `agent.lock`, which stay by design)."""
+    return [p for p in spool.rglob("*") if p.is_file() and p.parent.name != "kept"
+            and p not in (spool / "keyset.json", spool / "agent.lock")]
 
 
 def make_keyring(path: Path, template: Path | None = None) -> Path:
