@@ -93,5 +93,9 @@ FAILURE_REASONS: tuple[tuple[str, str], ...] = (
 )
 for _stage, _reason in FAILURE_REASONS:
     FAILED.labels(_stage, _reason)
-for _reason in ("KeysError", "OSError", "NoValidKeyError"):
+KEY_REFRESH_REASONS = (  # the error classes a key source fails with (agent/keysource.py counts type(e).__name__)
+    "KeySetSourceError", "BadSignatureError", "KeySetFormatError", "KeySetExpiredError", "KeySetRollbackError",
+    "KeyringNotFoundError", "KeyringFormatError", "NoValidKeyError", "OSError",
+)
+for _reason in KEY_REFRESH_REASONS:
     KEY_REFRESH_FAILURES.labels(_reason)

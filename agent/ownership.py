@@ -54,7 +54,7 @@ class OwnedError(Exception):
 
 @dataclass
 class _Held:
-    fd: int
+    fd: int  # -1: the filesystem cannot lock it (capture-dir-unlocked), taken as ours
     dev: int
     ino: int
 
@@ -94,7 +94,7 @@ class Ownership:
         if held is not None:
             if (held.dev, held.ino) == (st.st_dev, st.st_ino):
                 return True
-            os.close(held.fd)  # the directory was replaced: lock the new one
+            _close(held.fd)  # the directory was replaced: lock the new one
             del self._watches[watch.path]
         try:
             fd = os.open(watch.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -110,6 +110,7 @@ class Ownership:
         except OSError as e:
             os.close(fd)
             log.warning("capture-dir-unlocked", extra={"fields": {"watch": str(watch.path), "error": e.strerror}})
+            self._watches[watch.path] = _Held(-1, st.st_dev, st.st_ino)  # ours, as far as can be told
             return True
         fst = os.fstat(fd)
         self._watches[watch.path] = _Held(fd, fst.st_dev, fst.st_ino)
@@ -117,7 +118,7 @@ class Ownership:
 
     def release(self) -> None:
         for held in self._watches.values():
-            os.close(held.fd)
+            _close(held.fd)
         self._watches.clear()
         if self._spool is not None:
             os.close(self._spool)
@@ -143,6 +144,11 @@ class Ownership:
         os.ftruncate(fd, 0)
         write_all(fd, json.dumps(doc).encode() + b"\n")
         self._spool = fd
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict[str, object]:

@@ -163,11 +163,14 @@ class AgentService:
         mount) is claimed here; held by another agent, it is not ready."""
         for i, w in enumerate(self.config.watch):
             check = await asyncio.to_thread(probe_watch, w)
-            if check.ok and self.owner is not None:
-                try:
-                    self.owner.claim_watch(w)
-                except OwnedError as e:
-                    check = Check(False, str(e))
+            if self.owner is not None:
+                if check.ok:
+                    try:
+                        await asyncio.to_thread(self.owner.claim_watch, w)  # a stat: never on the loop
+                    except OwnedError as e:
+                        check = Check(False, str(e))
+                if self.pipeline is not None:  # a directory we hold no lock on is not scanned
+                    self.pipeline.watcher.set_owned(w, self.owner.holds(w))
             self._note_watch(i, check)
         if self.pipeline is not None:
             check = await probe_repository(self.pipeline.repository)
@@ -190,7 +193,10 @@ class AgentService:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(PROBE_SECONDS)
-            await self.probe()
+            try:
+                await self.probe()
+            except Exception:  # a bug: say so, and keep probing (readiness must not freeze at its last answer)
+                log.exception("probe-error")
 
     def ready(self) -> None:
         """Recovery is done and a key is loaded: tell systemd, start the periodic STATUS."""

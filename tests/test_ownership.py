@@ -75,3 +75,43 @@ def test_a_second_agent_on_the_same_capture_directory_refuses_to_start(tmp_path:
     again.wait_for("ready")
     assert again.stop() == 0
     assert not (capture / "agent.lock").exists() and sorted(os.listdir(capture)) == []  # nothing planted there
+
+
+class _CaptureLater(Setup):
+    """The capture directory is not there when the agent starts (a share mounted later)."""
+
+    def config(self) -> Path:
+        cfg = super().config()
+        if self.capture().exists() and not any(self.capture().iterdir()):
+            self.capture().rmdir()
+        return cfg
+
+
+def test_a_capture_directory_that_appears_later_is_sealed_by_one_agent_only(tmp_path: Path,
+                                                                             keyring_template: Path) -> None:
+    capture = tmp_path / "mnt" / "capture"
+    setups = [_CaptureLater(root=tmp_path / n, keyring=make_keyring(tmp_path / n / "keyring", keyring_template),
+                            watches=[{"path": str(capture), "kind": "call", "completion": "rename"}])
+              for n in ("a", "b")]
+    agents = [Agent(s, env={"MEDIASEAL_AGENT__ID": f"agent-{i}"}) for i, s in enumerate(setups)]
+    for agent in agents:
+        agent.wait_for("ready")
+    staging = tmp_path / "mnt" / ".staging"
+    staging.mkdir(parents=True)
+    ledger = {f"m{i}.wav": drop(staging, f"m{i}.wav", os.urandom(4_000)) for i in range(10)}
+    staging.rename(capture)  # "mounted", with recordings already in it
+    verdicts = [_verdict(a) for a in agents]  # each agent's probe: ours (watch-ready), or another's
+    assert sorted(verdicts) == ["owned-by-another", "watch-ready"], [a.lines[-5:] for a in agents]
+    winner = agents[verdicts.index("watch-ready")]
+    winner.wait_for("delivered", count=len(ledger), timeout=120)
+    for agent in agents:
+        assert agent.stop() == 0
+    delivered = [decrypt_all(s.repository, s.keyring) for s in setups]
+    assert sorted(len(d) for d in delivered) == [0, len(ledger)], delivered
+    assert {n: [h] for n, h in ledger.items()} in delivered
+
+
+def _verdict(agent: Agent) -> str:
+    (ev,) = agent.wait_for(("watch-ready", "watch-not-ready"), timeout=60,
+                           where=lambda d: d["event"] == "watch-ready" or "owned by" in d.get("reason", ""))
+    return "watch-ready" if ev["event"] == "watch-ready" else "owned-by-another"
