@@ -389,3 +389,17 @@ def test_sighup_is_logged_and_ignored_and_the_agent_goes_on(setup: Setup) -> Non
     agent.wait_for("sighup-ignored", timeout=30)
     assert agent.stop() == 0
     assert any('"event": "stopped"' in line for line in agent.lines), agent.lines[-5:]
+
+
+def test_the_periodic_rescan_line_is_debug(setup: Setup) -> None:
+    # Every 30 s, for ever: at info it drowned the journal. Shown with MEDIASEAL_LOG_LEVEL=debug only.
+    agent = Agent(setup, env={"MEDIASEAL_LOG_LEVEL": "info", "MEDIASEAL_AGENT__RESCAN_SECONDS": "0.2"})
+    agent.wait_for("ready")
+    drop(setup.capture(), "one.wav", os.urandom(1000))
+    agent.wait_for("delivered")  # several scans of 0.2 s have run by now
+    assert agent.stop() == 0
+    assert not any('"rescan-done"' in line for line in agent.lines)
+    debug = Agent(setup, env={"MEDIASEAL_AGENT__RESCAN_SECONDS": "0.2"})  # the harness asks for debug
+    (ev,) = debug.wait_for("rescan-done")
+    assert ev["level"] == "debug"
+    assert debug.stop() == 0
