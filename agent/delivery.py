@@ -34,11 +34,13 @@ from mediaseal.agent import metrics
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.disposal import Disposal
 from mediaseal.buffer.manifest import Manifest, ManifestState
-from mediaseal.buffer.spool import Spool
+from mediaseal.buffer.spool import Spool, SpoolFullError
 from mediaseal.uploader import PermanentRepositoryError, Receipt, Repository, RepositoryError, Upload
 from mediaseal.uploader.breaker import CircuitBreaker
 
 log = logging.getLogger("mediaseal.pipeline")
+
+SPOOL_FULL_RETRY_SECONDS = 5.0  # a manifest write met a full spool filesystem: look again this much later
 
 __all__ = ["Delivery", "DeliveryHealth"]
 
@@ -85,6 +87,14 @@ class Delivery:
         self._requeues.add(handle)
 
     async def deliver(self, m: Manifest, stop: asyncio.Event) -> None:
+        try:
+            await self._deliver(m, stop)
+        except SpoolFullError as e:  # a manifest could not be written: its old state stands, try later
+            log.warning("delivery-paused", extra={"fields": {"recording_id": m.recording_id, "error": str(e),
+                                                              "retry_in": SPOOL_FULL_RETRY_SECONDS}})
+            self._requeue_later(m.recording_id, SPOOL_FULL_RETRY_SECONDS)
+
+    async def _deliver(self, m: Manifest, stop: asyncio.Event) -> None:
         fields = {"recording_id": m.recording_id, "key": m.repo_key, "path": m.source}
         path = self.spool.package_path(m.recording_id)
         started = time.monotonic()

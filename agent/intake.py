@@ -41,7 +41,7 @@ from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.watcher import Candidate
 from mediaseal.buffer.manifest import Manifest, SourceIdentity
-from mediaseal.buffer.spool import Reservation, Spool
+from mediaseal.buffer.spool import Reservation, Spool, SpoolFullError
 from mediaseal.plumbing.durable import DurabilityError
 from mediaseal.uploader import repository_key
 
@@ -49,6 +49,7 @@ log = logging.getLogger("mediaseal.pipeline")
 
 UNREADABLE_RETRY_SECONDS = 60.0
 FAILURE_RETRY_SECONDS = 5.0
+ROOM_CHECK_SECONDS = 1.0  # while the spool's filesystem is full: how often to look for room again
 
 __all__ = ["Cancelled", "Intake", "SourceChangedError", "display_name", "package_estimate", "recording_id"]
 
@@ -97,6 +98,7 @@ class Intake:
         self._in_flight: set[Path] = set()
         self._cooldown: dict[Path, float] = {}  # path -> monotonic time before which it is skipped
         self._cancel = threading.Event()
+        self.paused_reason: str | None = None  # why intake waits for room in the spool (readiness shows it)
 
     def is_busy(self, path: Path) -> bool:
         """Whether the watcher should leave `path` alone for now (being sealed, or cooling down)."""
@@ -118,7 +120,8 @@ class Intake:
             return
         self._in_flight.add(cand.path)
         try:
-            await self._intake(cand, stop)
+            while not await self._intake(cand, stop):  # False: the spool's filesystem was full; it has room now
+                pass
         except (DurabilityError, Cancelled):
             raise
         except Exception as e:  # a bug must not take the daemon down silently: count, log, cool down
@@ -128,23 +131,24 @@ class Intake:
         finally:
             self._in_flight.discard(cand.path)
 
-    async def _intake(self, cand: Candidate, stop: asyncio.Event) -> None:
+    async def _intake(self, cand: Candidate, stop: asyncio.Event) -> bool:
+        """One attempt; False if the spool's filesystem was full (waited for room: try again)."""
         w = cand.watch
         rid = recording_id(self.config.agent.id, cand.path, cand.identity)
         fields: dict[str, Any] = {"recording_id": rid, "kind": w.kind, "path": str(cand.path)}
         existing = self.spool.load(rid)
         if existing is not None:  # sealed before a restart: only the disposal may be missing
             await self._disposal.start(existing)
-            return
+            return True
         if self.spool.is_kept(rid):
-            return
+            return True
         metrics.DISCOVERED.labels(w.kind).inc()  # here, not in the watcher, which may emit a file twice
         need = package_estimate(cand.identity.size, self.chunk_size)
         if not self.spool.fits_ever(need):
             metrics.FAILED.labels("intake", "too-large-for-spool").inc()
             log.error("too-large-for-spool", extra={"fields": fields})
             self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS * 10
-            return
+            return True
         recipient = await self.keys.wait_current(stop)
         if recipient is None:
             raise Cancelled
@@ -154,29 +158,33 @@ class Intake:
         loop = asyncio.get_running_loop()
         try:
             m = await loop.run_in_executor(self._executor, self._seal, cand, rid, recipient, reservation)
+        except SpoolFullError as e:
+            metrics.FAILED.labels("intake", "spool-full").inc()
+            await self._wait_for_room(str(e), need, stop)
+            return False
         except SourceChangedError:
             metrics.REDONE.inc()
             log.info("redo", extra={"fields": fields})
-            return
+            return True
         except FileNotFoundError:
             log.info("vanished", extra={"fields": fields})
-            return
+            return True
         except PermissionError as e:
             metrics.FAILED.labels("intake", "unreadable").inc()
             log.error("unreadable", extra={"fields": {**fields, "error": e.strerror}})
             self._cooldown[cand.path] = time.monotonic() + UNREADABLE_RETRY_SECONDS
-            return
+            return True
         except DurabilityError:
             raise  # an OSError too, but never a fault of this source: the agent stops
         except OSError as e:
             if e.errno == errno.ELOOP:  # replaced by a symlink after the scan: never followed, not a fault
                 log.warning("skipped", extra={"fields": {**fields, "reason": "symbolic link, not followed"}})
-                return
+                return True
             reason = errno.errorcode.get(e.errno or 0, "oserror")
             metrics.FAILED.labels("intake", reason).inc()
             log.error("seal-failed", extra={"fields": {**fields, "error": str(e)}})
             self._cooldown[cand.path] = time.monotonic() + FAILURE_RETRY_SECONDS
-            return
+            return True
         finally:
             self.spool.cancel(reservation)
             metrics.SPOOL_BYTES.set(self.spool.used_bytes)
@@ -190,6 +198,7 @@ class Intake:
         disposed = self._disposal.start(m)
         self._deliver(rid)
         await disposed
+        return True
 
     async def _reserve(self, need: int, stop: asyncio.Event) -> Reservation:
         """Capacity in the spool for one recording; waits (intake paused) while the spool is full."""
@@ -197,18 +206,42 @@ class Intake:
         while (r := self.spool.reserve(need)) is None:
             if stop.is_set():
                 raise Cancelled
+            # Our own capacity (buffer.max_bytes), or the filesystem's (another process filled it).
+            reason = ("spool full" if self.spool.used_bytes + need > self.spool.max_bytes
+                      else "spool filesystem full")
             if not paused:
                 paused = True
-                log.warning("intake-paused", extra={"fields": {"reason": "spool full", "need": need,
+                log.warning("intake-paused", extra={"fields": {"reason": reason, "need": need,
                                                                 "used": self.spool.used_bytes}})
+            self.paused_reason = reason
             metrics.INTAKE_PAUSED.set(1)
             async with self._space:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._space.wait(), timeout=5.0)
-        metrics.INTAKE_PAUSED.set(0)
         if paused:
+            self.paused_reason = None
+            metrics.INTAKE_PAUSED.set(0)
             log.info("intake-resumed")
         return r
+
+    async def _wait_for_room(self, error: str, need: int, stop: asyncio.Event) -> None:
+        """The spool's filesystem ran out of space under a write (another process filled it: the
+        reservation's free-space check saw room). Intake pauses, sources stay where they are, and goes
+        on once the filesystem has room for this recording again (looked at every ROOM_CHECK_SECONDS)."""
+        if self.paused_reason is None:
+            self.paused_reason = "spool filesystem full"
+            log.warning("intake-paused", extra={"fields": {"reason": "spool filesystem full", "error": error,
+                                                            "need": need, "used": self.spool.used_bytes}})
+        metrics.INTAKE_PAUSED.set(1)
+        while not _has_room(self.spool, need):
+            if stop.is_set():
+                raise Cancelled
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ROOM_CHECK_SECONDS)
+        if self.paused_reason is not None:
+            self.paused_reason = None
+            metrics.INTAKE_PAUSED.set(0)
+            log.info("intake-resumed")
 
     def _seal(self, cand: Candidate, rid: str, recipient: codec.Recipient, reservation: Reservation) -> Manifest:
         """Seal one source into the spool and commit it (worker thread)."""
@@ -248,6 +281,14 @@ class Intake:
             marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
         )
         return self.spool.commit(staged_path, manifest, reservation)
+
+
+def _has_room(spool: Spool, need: int) -> bool:
+    try:
+        st = os.statvfs(spool.root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize >= need + spool.min_free_bytes
 
 
 class _Source:

@@ -1,6 +1,12 @@
 """The agent's Prometheus metrics, in one registry of its own (served by the health listener).
 
 Every failure the daemon meets increments one of these and logs one line (DESIGN invariant 7).
+
+What a Prometheus user expects of an exporter: the standard `process_*` and `python_info` collectors
+on this registry; no `*_created` series (they double the series count and no alert uses them); and
+labelled failure counters that exist at 0 for every known reason from the start, so that
+`increase(...[30m]) > 0` fires on the very first failure (a series that appears at 1 has no increase).
+Per-watch and repository gauges say what readiness is made of.
 """
 
 from __future__ import annotations
@@ -8,9 +14,14 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; the agent's process is the one that serves them
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+PlatformCollector(registry=REGISTRY)  # python_info
 
 DISCOVERED = Counter("mediaseal_recordings_discovered_total", "Complete recordings found", ["kind"], registry=REGISTRY)
 ENCRYPTED = Counter("mediaseal_recordings_encrypted_total", "Recordings sealed into the spool", ["kind"],
@@ -53,6 +64,11 @@ QUARANTINED = Gauge("mediaseal_packages_quarantined",
                     "Packages whose last delivery failed permanently (re-probed slowly)", registry=REGISTRY)
 READY = Gauge("mediaseal_ready", "1 when /readyz answers 200 (keys valid, spool writable, repository reachable)",
               registry=REGISTRY)
+WATCH_UP = Gauge("mediaseal_watch_up", "1 when the capture directory is there, can be listed and is ours",
+                 ["watch"], registry=REGISTRY)
+REPOSITORY_UP = Gauge("mediaseal_repository_up",
+                      "1 when the last repository probe succeeded (file://: a write test; S3: the bucket answers)",
+                      registry=REGISTRY)
 SPOOL_CAPACITY = Gauge("mediaseal_spool_capacity_bytes", "The spool's configured capacity ([buffer] max_bytes)",
                        registry=REGISTRY)
 
@@ -67,3 +83,19 @@ def _version() -> str:
 
 BUILD_INFO = Info("mediaseal_build", "The running mediaseal's version and Python", registry=REGISTRY)
 BUILD_INFO.info({"version": _version(), "python": platform.python_version()})
+
+
+# Every (stage, reason) the agent can count, at 0 from the start (see the module docstring). Reasons
+# named after an errno or an exception class appear when first met, on top of these.
+FAILURE_REASONS: tuple[tuple[str, str], ...] = (
+    ("intake", "unreadable"), ("intake", "too-large-for-spool"), ("intake", "spool-full"),
+    ("intake", "ENOSPC"), ("intake", "EIO"), ("upload", "transient"), ("upload", "quarantined"),
+)
+for _stage, _reason in FAILURE_REASONS:
+    FAILED.labels(_stage, _reason)
+KEY_REFRESH_REASONS = (  # the error classes a key source fails with (agent/keysource.py counts type(e).__name__)
+    "KeySetSourceError", "BadSignatureError", "KeySetFormatError", "KeySetExpiredError", "KeySetRollbackError",
+    "KeyringNotFoundError", "KeyringFormatError", "NoValidKeyError", "OSError",
+)
+for _reason in KEY_REFRESH_REASONS:
+    KEY_REFRESH_FAILURES.labels(_reason)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,9 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from mediaseal.agent import metrics
+from mediaseal.agent.ownership import OwnedError, Ownership
 from mediaseal.agent.pipeline import DeliveryHealth
+from mediaseal.agent.readiness import PROBE_SECONDS, Check, probe_directory, probe_repository, probe_watch
 from mediaseal.agent.status import ManifestCache, SpoolReport, read_spool
 from mediaseal.plumbing.http import ListenSite, app_runner, json_response
 from mediaseal.plumbing.notify import Notifier, watchdog_pings, watchdog_seconds
@@ -88,12 +90,6 @@ class EventTracker(logging.Handler):
 # -- the service -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Check:
-    ok: bool
-    detail: str = ""
-
-
 class AgentService:
     def __init__(self, config: Config, env: Mapping[str, str]) -> None:
         self.config = config
@@ -112,6 +108,9 @@ class AgentService:
         self._report_lock = asyncio.Lock()
         self._last_status = ""
         self.address: str | None = None  # host:port the listener is bound to
+        self.owner: Ownership | None = None  # the locks (agent/ownership.py): missing watches are claimed later
+        self._watch_checks: dict[int, Check] = {}  # by watch index: the last probe's answer
+        self._repo_check: Check | None = None
 
     @classmethod
     async def start(cls, config: Config, *, env: Mapping[str, str] | None = None,
@@ -154,8 +153,50 @@ class AgentService:
     def _health(self) -> DeliveryHealth:
         return self.pipeline.health if self.pipeline is not None else DeliveryHealth()
 
-    def attach(self, pipeline: Pipeline) -> None:
+    def attach(self, pipeline: Pipeline, owner: Ownership | None = None) -> None:
         self.pipeline = pipeline
+        self.owner = owner
+
+    async def probe(self) -> None:
+        """Look at every capture directory and at the repository now; the gauges and /readyz follow.
+        A directory that is there but not locked by this agent yet (it appeared, or was replaced by a
+        mount) is claimed here; held by another agent, it is not ready."""
+        for i, w in enumerate(self.config.watch):
+            check = await asyncio.to_thread(probe_watch, w)
+            if self.owner is not None:
+                if check.ok:
+                    try:
+                        await asyncio.to_thread(self.owner.claim_watch, w)  # a stat: never on the loop
+                    except OwnedError as e:
+                        check = Check(False, str(e))
+                if self.pipeline is not None:  # a directory we hold no lock on is not scanned
+                    self.pipeline.watcher.set_owned(w, self.owner.holds(w))
+            self._note_watch(i, check)
+        if self.pipeline is not None:
+            check = await probe_repository(self.pipeline.repository)
+            before, self._repo_check = self._repo_check, check
+            metrics.REPOSITORY_UP.set(1 if check.ok else 0)
+            if not check.ok and (before is None or before.ok or before.detail != check.detail):
+                log.warning("repository-not-ready", extra={"fields": {"error": check.detail}})
+            elif check.ok and before is not None and not before.ok:
+                log.info("repository-ready", extra={"fields": {"detail": check.detail}})
+
+    def _note_watch(self, i: int, check: Check) -> None:
+        path = str(self.config.watch[i].path)
+        before, self._watch_checks[i] = self._watch_checks.get(i), check
+        metrics.WATCH_UP.labels(path).set(1 if check.ok else 0)
+        if not check.ok and (before is None or before.ok or before.detail != check.detail):
+            log.warning("watch-not-ready", extra={"fields": {"watch": path, "reason": check.detail}})
+        elif check.ok and before is not None and not before.ok:
+            log.info("watch-ready", extra={"fields": {"watch": path}})
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)
+            try:
+                await self.probe()
+            except Exception:  # a bug: say so, and keep probing (readiness must not freeze at its last answer)
+                log.exception("probe-error")
 
     def ready(self) -> None:
         """Recovery is done and a key is loaded: tell systemd, start the periodic STATUS."""
@@ -163,6 +204,7 @@ class AgentService:
         self.phase = "running"
         self.notifier.send("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
         self._tasks.append(asyncio.create_task(self._status_loop(), name="sd-status"))
+        self._tasks.append(asyncio.create_task(self._probe_loop(), name="readiness-probe"))
 
     def stopping(self) -> None:
         if not self._stopping:
@@ -253,7 +295,10 @@ class AgentService:
         recipient = p.keys.current()
         checks["keys"] = Check(True, recipient.kid) if recipient is not None else Check(
             False, "no valid key: the key set could not be loaded or is older than keys.max_staleness_seconds")
+        checks["watches"] = self._watches_check()
         checks["spool"] = await asyncio.to_thread(_spool_writable, p.spool.root)
+        if checks["spool"].ok and p.intake.paused_reason is not None:
+            checks["spool"] = Check(False, f"intake paused: {p.intake.paused_reason}")
         checks["repository"] = await asyncio.to_thread(self._repository_check)
         failed = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
         body: dict[str, Any] = {"ready": not failed, "checks": {k: {"ok": c.ok, "detail": c.detail}
@@ -262,11 +307,21 @@ class AgentService:
             body["reason"] = "; ".join(failed)
         return not failed, body
 
+    def _watches_check(self) -> Check:
+        down = [c.detail for c in self._watch_checks.values() if not c.ok]
+        if down:
+            return Check(False, "; ".join(down))
+        return Check(True, f"{len(self.config.watch)} watched")
+
     def _repository_check(self) -> Check:
         assert self.pipeline is not None
         repo = self.pipeline.repository
-        if isinstance(repo, FilesystemRepository) and not repo.root.is_dir():
-            return Check(False, f"{repo.root} is not there (not mounted?)")
+        if isinstance(repo, FilesystemRepository):  # cheap enough to ask live, at every /readyz
+            live = probe_directory(repo)
+            if not live.ok:
+                return live
+        elif self._repo_check is not None and not self._repo_check.ok:
+            return self._repo_check
         health = self._health
         if health.last_error is not None:
             return Check(False, f"last delivery attempt failed: {_one_line(health.last_error, 200)}")
@@ -324,6 +379,8 @@ def _spool_writable(root: Path) -> Check:
             f.write(b"\0")
             f.flush()
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # another process filled it (intake pauses meanwhile)
+            return Check(False, f"{root}: its filesystem is full ({e.strerror})")
         return Check(False, f"{root} is not writable: {e.strerror or e}")
     return Check(True, str(root))
 

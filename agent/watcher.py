@@ -104,6 +104,18 @@ class Watcher:
         self._hints: dict[int, set[Path]] = {}
         self._flooded: set[int] = set()
 
+    def set_owned(self, watch: WatchConfig, owned: bool) -> None:
+        """Whether this agent holds `watch`'s lock (agent/ownership.py): one it does not hold (another
+        agent's, or not there to lock yet) is not scanned, so no recording is sealed by two agents."""
+        i = self._scanner.watches.index(watch)
+        if owned:
+            if i in self._scanner.unowned:
+                self._scanner.unowned.discard(i)
+                self.rescan_now()  # it may hold recordings already
+        elif i not in self._scanner.unowned:
+            self._scanner.unowned.add(i)
+            self._hints.pop(i, None)
+
     def rescan_now(self) -> None:
         """Wake the loop for a full scan soon. Call from the event loop's thread."""
         self._rescan = True
@@ -142,7 +154,7 @@ class Watcher:
                 RESCANS.inc()
                 await self._emit(out, self._scanner.full(), executor)
                 next_full = loop.time() + self._rescan_seconds
-                log.info("rescan-done", extra={"fields": {"next_in": self._rescan_seconds}})
+                log.debug("rescan-done", extra={"fields": {"next_in": self._rescan_seconds}})  # every 30 s: debug
             else:
                 items = [(i, self._scanner.watches[i].path) for i in self._flooded]
                 items += [(i, p) for i, paths in self._hints.items() if i not in self._flooded for p in paths]
@@ -269,6 +281,7 @@ class _Scanner:
         self.notes: dict[Path, _Note] = {}
         self.gen = 0
         self.missing: set[int] = set()
+        self.unowned: set[int] = set()  # watches whose lock another agent holds: never scanned (set_owned)
         # Directories no scan enters: where "move" disposal puts sources, and other watches' roots.
         self.fences = frozenset([w.path for w in watches] + [w.move_to for w in watches if w.move_to is not None])
 
@@ -276,13 +289,16 @@ class _Scanner:
         """Every complete file under every watch, then forget files that have vanished."""
         self.gen += 1
         for i, watch in enumerate(self.watches):
-            yield from self._tree(i, watch.path)
+            if i not in self.unowned:
+                yield from self._tree(i, watch.path)
         self.notes = {p: n for p, n in self.notes.items() if n.seen == self.gen}
 
     def check(self, items: Iterable[tuple[int, Path]]) -> Generator[Candidate, None, None]:
         """Look only at the hinted or due paths (directories: their whole subtree)."""
         emitted: set[Path] = set()
         for i, path in items:
+            if i in self.unowned:
+                continue
             for cand in self._check_one(i, path):
                 if cand.path not in emitted:
                     emitted.add(cand.path)

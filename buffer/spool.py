@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -54,6 +55,28 @@ SpoolStep = Literal["mid-commit", "mid-release"]
 
 class SpoolError(Exception):
     """The spool can't do what was asked (not enough room, a broken file)."""
+
+
+class SpoolFullError(SpoolError, OSError):
+    """The spool's filesystem has no room (ENOSPC, EDQUOT) for a staging file or a manifest, e.g.
+    filled by another process: nothing was committed, the old state stands. Not a fault of the
+    recording: the agent pauses intake until space returns (sources stay where they are)."""
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def _full_is_named(what: Path | str) -> Iterator[None]:
+    """ENOSPC/EDQUOT inside the block -> SpoolFullError (a failed fsync stays a DurabilityError)."""
+    try:
+        yield
+    except DurabilityError:
+        raise
+    except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise SpoolFullError(e.errno, f"spool filesystem full writing {what}: {e.strerror}") from None
+        raise
 
 
 class TransitionError(SpoolError):
@@ -156,9 +179,10 @@ class Spool:
         the directory fsync it shares with the manifest."""
         path = self._staging / f"{recording_id}.mseal.part"
         # O_TRUNC: a leftover of an attempt that did not finish is simply overwritten.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with _full_is_named(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
+            with _full_is_named(path), os.fdopen(fd, "wb", buffering=0) as f:
                 yield StagingFile(f), path
                 fsync(f.fileno(), path)
         except BaseException:
@@ -348,7 +372,8 @@ class Spool:
                                   f"(only from {', '.join(sorted(allowed))})")
 
     def _write_manifest(self, manifest: Manifest, *, sync_dir: bool = True) -> None:
-        with atomic_open(self._manifest_path(manifest.recording_id), sync_dir=sync_dir) as f:
+        path = self._manifest_path(manifest.recording_id)
+        with _full_is_named(path), atomic_open(path, sync_dir=sync_dir) as f:
             f.write(manifest.to_json())
 
 
@@ -376,4 +401,5 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _load_sync_file_range()
 
 __all__ = ["SPOOLED", "STATES", "UPLOADING", "VERIFIED", "DurabilityError", "Manifest", "ManifestState",
-           "Reservation", "SourceIdentity", "Spool", "SpoolError", "SpoolStep", "StagingFile", "TransitionError"]
+           "Reservation", "SourceIdentity", "Spool", "SpoolError", "SpoolFullError", "SpoolStep", "StagingFile",
+           "TransitionError"]

@@ -106,7 +106,9 @@ class Agent(process.Child):
         cfg = setup.config()
         self.audit_number = secrets_audit.REGISTRY.agent_started(self)  # set-up, keyring, secrets: audited
         argv = [*(prefix or []), *process.mediaseal_argv("run", "--config", cfg, "--log-format", "json")]
-        super().__init__(argv, env=process.child_env(self.env), cwd=setup.root, name="the agent")
+        # Debug level: tests synchronise on `rescan-done`, a debug event since issue 14.
+        env_ = process.child_env({"MEDIASEAL_LOG_LEVEL": "debug", **self.env})
+        super().__init__(argv, env=env_, cwd=setup.root, name="the agent")
 
     def on_line(self, line: str, doc: dict[str, Any] | None) -> None:
         if doc is not None and doc.get("event") == "metrics-listening":
@@ -165,8 +167,9 @@ def decrypt_all(repository: Path, keyring: Path) -> dict[str, list[str]]:
 
 def spool_files(spool: Path) -> list[Path]:
     """The spool's work in progress: staging files, packages, manifests (not `kept/` markers, nor the
-    saved key set `keyset.json`, which stay by design)."""
-    return [p for p in spool.rglob("*") if p.is_file() and p.parent.name != "kept" and p != spool / "keyset.json"]
+    saved key set `keyset.json`, nor the ownership lock `agent.lock`, which stay by design)."""
+    return [p for p in spool.rglob("*") if p.is_file() and p.parent.name != "kept"
+            and p not in (spool / "keyset.json", spool / "agent.lock")]
 
 
 def make_keyring(path: Path, template: Path | None = None) -> Path:

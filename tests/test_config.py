@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,3 +323,83 @@ def test_keys_ca_bundle(tmp_path: Path) -> None:
         == "config: keys.ca_bundle: only used with an https:// keys.keyset"
     assert "keys.ca_bundle: only used with" in error_of(
         tmp_path, base + "[keys]\nkeyring = '/k'\n", {"MEDIASEAL_KEYS__CA_BUNDLE": "/ca.pem"})
+
+
+# -- mediaseal config check ----------------------------------------------------------------------------
+
+
+def _check(cfg: Path | None, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
+    args = ["--config", str(cfg)] if cfg is not None else []
+    return subprocess.run([sys.executable, "-m", "mediaseal.agent.cli", "config", "check", *args, *extra],
+                          capture_output=True, text=True, env={**inherited, **(env or {})}, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def checked_keyring(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mediaseal.keys.keyring import Keyring
+
+    ring = tmp_path_factory.mktemp("ck") / "keyring"
+    Keyring.init(ring, b"config check test passphrase")
+    return ring
+
+
+def _site(tmp_path: Path, keyring: Path, **repository: str) -> Path:
+    (tmp_path / "capture").mkdir()
+    (tmp_path / "repo").mkdir()
+    repo = {"url": f"file://{tmp_path / 'repo'}", **repository}
+    lines = ["[[watch]]", 'path = "capture"', "[buffer]", 'path = "spool"', "[keys]", f'keyring = "{keyring}"',
+             "[repository]", *[f'{k} = "{v}"' for k, v in repo.items()]]
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def test_config_check_passes_a_good_config_and_changes_nothing(tmp_path: Path, checked_keyring: Path) -> None:
+    cfg = _site(tmp_path, checked_keyring)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = _check(cfg)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"config {cfg} OK: 1 watch (call: {tmp_path / 'capture'})"), r.stdout
+    assert "key " in r.stdout and f"repository file://{tmp_path / 'repo'}" in r.stdout and r.stderr == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no spool created, nothing written
+
+
+def test_config_check_names_every_problem_on_its_own_line(tmp_path: Path, checked_keyring: Path) -> None:
+    cfg = _site(tmp_path, checked_keyring)
+    (tmp_path / "capture").rmdir()
+    (tmp_path / "repo").rmdir()
+    broken = tmp_path / "broken-keyring"
+    broken.mkdir()
+    (broken / "keyring.json").write_text("{not json")
+    r = _check(cfg, env={"MEDIASEAL_KEYS__KEYRING": str(broken)})
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert lines[-1] == f"mediaseal: error: config {cfg}: 3 problems", lines
+    problems = lines[:-1]
+    assert len(problems) == 3 and all(p.startswith("mediaseal: config check: ") for p in problems), lines
+    assert "watch[0].path" in problems[0] and "does not exist" in problems[0]
+    assert problems[1].startswith("mediaseal: config check: keys: ")
+    assert "repository:" in problems[2] and "not there" in problems[2]
+    assert "Traceback" not in r.stderr
+
+
+def test_config_check_rejects_an_invalid_config_in_one_line_and_usage_errors_with_2(tmp_path: Path,
+                                                                                     checked_keyring: Path) -> None:
+    cfg = _site(tmp_path, checked_keyring)
+    r = _check(cfg, env={"MEDIASEAL_AGENT__CONCURRENCY": "0"})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "agent.concurrency" in r.stderr, r.stderr
+    assert _check(cfg, "--no-such-option").returncode == 2
+
+
+def test_config_check_probes_the_bucket(tmp_path: Path, checked_keyring: Path, moto_server: Any) -> None:
+    from s3_support import make_bucket, unique_bucket
+
+    missing = unique_bucket("nope")
+    cfg = _site(tmp_path, checked_keyring, url=f"s3://{missing}/p", endpoint_url=moto_server.url, region="us-east-1")
+    r = _check(cfg)
+    assert r.returncode == 1 and "repository:" in r.stderr and "NoSuchBucket" in r.stderr, r.stderr
+    bucket = make_bucket(moto_server.url)
+    cfg.write_text(cfg.read_text().replace(missing, bucket))
+    r = _check(cfg)
+    assert r.returncode == 0 and f"repository s3://{bucket}/p (the bucket answers)" in r.stdout, r.stderr

@@ -230,7 +230,8 @@ def test_health_metrics_readiness_and_status_while_running(setup: Setup) -> None
         status, _, body = get(f"{base}/readyz")
         doc = json.loads(body)
         assert status == 200 and doc["ready"] is True, doc
-        assert {k: v["ok"] for k, v in doc["checks"].items()} == {"keys": True, "spool": True, "repository": True}
+        assert {k: v["ok"] for k, v in doc["checks"].items()} == {"keys": True, "watches": True, "spool": True,
+                                                              "repository": True}
 
         drop(setup.capture(), "one.wav", os.urandom(40_000))
         agent.wait_for("delivered")
@@ -245,6 +246,14 @@ def test_health_metrics_readiness_and_status_while_running(setup: Setup) -> None
                      "mediaseal_encrypt_seconds_bucket", "mediaseal_upload_seconds_count 1.0",
                      "mediaseal_watcher_rescans_total", "mediaseal_spool_manifests{state=\"spooled\"} 0.0"):
             assert name in text, name
+        # What a Prometheus user expects (issue 14): the standard process and platform collectors, no
+        # `_created` series, failure counters at 0 for every known reason, a gauge per watch.
+        assert "process_resident_memory_bytes " in text and "process_open_fds " in text and "python_info{" in text
+        assert "_created" not in text
+        for reason in ("unreadable", "too-large-for-spool", "spool-full"):
+            assert f'mediaseal_recordings_failed_total{{reason="{reason}",stage="intake"}} 0.0' in text, reason
+        assert 'mediaseal_recordings_failed_total{reason="quarantined",stage="upload"} 0.0' in text
+        assert f'mediaseal_watch_up{{watch="{setup.capture()}"}} 1.0' in text and "mediaseal_repository_up 1.0" in text
         status, ctype, _ = get(f"{base}/metrics", accept="application/openmetrics-text; version=1.0.0")
         assert status == 200 and ctype.startswith("application/openmetrics-text")
 
@@ -352,3 +361,35 @@ def test_status_without_a_spool_exits_1_with_one_line(setup: Setup) -> None:
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("mediaseal: error: spool ") and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- SIGHUP (issue 14 observation 10: it killed the agent silently, exit 129, no `stopped` line) -------
+
+
+def test_sighup_is_logged_and_ignored_and_the_agent_goes_on(setup: Setup) -> None:
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    agent.proc.send_signal(signal.SIGHUP)
+    (ignored,) = agent.wait_for("sighup-ignored", timeout=30)
+    assert ignored["level"] == "warning" and "restart" in ignored["reason"]
+    assert agent.proc.poll() is None
+    drop(setup.capture(), "after-hup.wav", os.urandom(20_000))
+    agent.wait_for("delivered")
+    agent.proc.send_signal(signal.SIGHUP)  # twice: still alive
+    agent.wait_for("sighup-ignored", timeout=30)
+    assert agent.stop() == 0
+    assert any('"event": "stopped"' in line for line in agent.lines), agent.lines[-5:]
+
+
+def test_the_periodic_rescan_line_is_debug(setup: Setup) -> None:
+    # Every 30 s, for ever: at info it drowned the journal. Shown with MEDIASEAL_LOG_LEVEL=debug only.
+    agent = Agent(setup, env={"MEDIASEAL_LOG_LEVEL": "info", "MEDIASEAL_AGENT__RESCAN_SECONDS": "0.2"})
+    agent.wait_for("ready")
+    drop(setup.capture(), "one.wav", os.urandom(1000))
+    agent.wait_for("delivered")  # several scans of 0.2 s have run by now
+    assert agent.stop() == 0
+    assert not any('"rescan-done"' in line for line in agent.lines)
+    debug = Agent(setup, env={"MEDIASEAL_AGENT__RESCAN_SECONDS": "0.2"})  # the harness asks for debug
+    (ev,) = debug.wait_for("rescan-done")
+    assert ev["level"] == "debug"
+    assert debug.stop() == 0

@@ -6,7 +6,9 @@ parser and maps errors to exit codes, in one place:
 
 - 0: done; 1: an expected failure (a tampered package, a wrong key, a missing file, bad config): one
   line `mediaseal: error: ...` on stderr, no traceback; 2: a usage error (argparse's own message);
-  130: interrupted (Ctrl-C). A traceback means a bug.
+  130: interrupted (Ctrl-C). A traceback means a bug. `run` adds its own (agent/run.py, documented in
+  docs/OPERATIONS.md): 3 a failed fsync, 4 another agent owns the spool or a capture directory.
+  `config check` exits 1 with one line per problem.
 - Imports are lazy per command: building the parser loads argparse, the codec's constants and the
   light key modules only; asyncio, aioboto3/botocore, aiohttp, prometheus_client and rich load inside
   the handlers that need them (tests/test_cli.py checks `--help` and `encrypt`).
@@ -22,6 +24,7 @@ from typing import Any
 from mediaseal.agent.cli import (
     bench_cmd,
     completion_cmd,
+    config_cmd,
     decrypt_cmd,
     encrypt_cmd,
     export_cmd,
@@ -44,7 +47,7 @@ EXIT_INTERRUPTED = 130
 DISTRIBUTION = "mediaseal"
 
 # In the order `mediaseal --help` lists them.
-COMMANDS = (run_cmd, status_cmd, keys_cmd, encrypt_cmd, decrypt_cmd, inspect_cmd, verify_cmd, serve_cmd,
+COMMANDS = (run_cmd, status_cmd, config_cmd, keys_cmd, encrypt_cmd, decrypt_cmd, inspect_cmd, verify_cmd, serve_cmd,
             export_cmd, lkm_cmd, bench_cmd, completion_cmd)
 
 # The one table from expected failures to exit codes, first match wins. Classes are named rather than
