@@ -332,13 +332,16 @@ def test_retire_hint_runs_as_pasted(tmp_path: Path) -> None:
     src.write_bytes(b"a recording")
     assert ms("encrypt", src, "-o", repo / "call" / "2026" / "01" / "02" / "a.mseal", "--keyring", kr).returncode == 0
     assert ms("keys", "rotate", "--keyring", kr).returncode == 0
-    line = one_line_error(ms("keys", "retire", old, "--keyring", kr, "--repository", f"file://{repo}"))
+    # A kid is base64url: one in 64 starts with "-", so the kid goes after "--" and the hint's --from is
+    # one token (found when a random kid was read as an option).
+    line = one_line_error(ms("keys", "retire", "--keyring", kr, "--repository", f"file://{repo}", "--", old))
     hint = line.split("run: ", 1)[1]
     e = {k: v for k, v in os.environ.items() if not k.startswith("MEDIASEAL_")}
     e["MEDIASEAL_KEYRING_PASSPHRASE"] = PASS
     r = subprocess.run(shlex.split(hint), env=e, capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, (hint, r.stderr)
-    r = ms("keys", "retire", old, "--keyring", kr, "--repository", f"file://{repo}")
+    assert f"--from={old}" in hint
+    r = ms("keys", "retire", "--keyring", kr, "--repository", f"file://{repo}", "--", old)
     assert r.returncode == 0 and b"retired" in r.stdout, r.stderr
 
 

@@ -175,19 +175,19 @@ def test_retire_refuses_used_key_and_rewrap_filesystem(tmp_path, kek_pool) -> No
     url = f"file://{repo}"
     env = {"MEDIASEAL_KEYRING_PASSPHRASE": PASSPHRASE.decode()}
 
-    refused = cli("keys", "retire", a, "--keyring", str(path), "--repository", url)
+    refused = cli("keys", "retire", "--keyring", str(path), "--repository", url, "--", a)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"key {a} is still needed by 3 package(s)" in refused.stderr and "keys rewrap" in refused.stderr
     assert Keyring.open(path).record(a).state == "decrypt-only"
     with pytest.raises(KeyStateError, match="current"):
         asyncio.run(retire_key(Keyring.open(path), b, url))
 
-    out = cli("keys", "rewrap", "--keyring", str(path), "--repository", url, "--from", a, env=env)
+    out = cli("keys", "rewrap", "--keyring", str(path), "--repository", url, f"--from={a}", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"rewrapped 3 package(s) to key {b}; 1 left as they were; 0 failed"
     assert sorted(p.name for p in day.iterdir()) == ["rec-0.mseal", "rec-1.mseal", "rec-2.mseal", "rec-new.mseal"]
 
-    out = cli("keys", "retire", a, "--keyring", str(path), "--repository", url)
+    out = cli("keys", "retire", "--keyring", str(path), "--repository", url, "--", a)
     assert out.returncode == 0 and out.stdout.startswith(f"retired key {a}"), out.stderr
     ring = Keyring.open(path)
     assert ring.record(a).state == "retired"

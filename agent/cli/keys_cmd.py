@@ -62,7 +62,8 @@ def register(sub: SubParsers) -> None:
     sp = command(ksub, "retire", cmd_retire, "retire a key (final), unless packages in the repository still need it",
                  f"mediaseal keys retire KID {KR} --repository s3://recordings/site-a")
     keyring_options(sp)
-    sp.add_argument("kid", metavar="KID", help="the key to retire (see keys list)")
+    sp.add_argument("kid", metavar="KID",
+                    help="the key to retire (see keys list; a KID that starts with - goes after --)")
     repository_options(sp)
     sp.add_argument("--force", action="store_true", help="retire even if packages still need the key")
 
@@ -155,7 +156,7 @@ def rewrap_hint(args: argparse.Namespace) -> str:
     argv += ["--repository", args.repository]
     if args.endpoint_url:
         argv += ["--endpoint-url", args.endpoint_url]
-    return shlex.join([*argv, "--from", args.kid])
+    return shlex.join([*argv, f"--from={args.kid}"])  # one token: a kid may start with "-"
 
 
 def cmd_rewrap(args: argparse.Namespace) -> None:
