@@ -258,7 +258,8 @@ class Watcher:
         while True:
             try:
                 with Inotify() as inotify:
-                    root = inotify.add_watch(watch.path, _DIR_EVENTS)
+                    # The root may be a symlink the operator configured: followed, unlike everything below it.
+                    root = inotify.add_watch(watch.path, _DIR_EVENTS & ~Mask.DONT_FOLLOW)
                     for directory in await asyncio.to_thread(self._scanner.directories, i):
                         with contextlib.suppress(OSError):  # vanished, or not a directory any more
                             inotify.add_watch(directory, _DIR_EVENTS)
@@ -283,7 +284,7 @@ class Watcher:
                             self._add_hints(i, {(Change.modified, str(event.path))})
             except FileNotFoundError:
                 pass  # the scan reports a missing capture directory
-            except OSError as e:  # the inotify watch or instance limit: the per-second recheck still works
+            except Exception as e:  # the inotify watch or instance limit: the per-second recheck still works
                 if str(e) != reported:
                     reported = str(e)
                     log.warning("close-events-unavailable", extra={"fields": {"watch": str(watch.path),

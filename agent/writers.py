@@ -22,8 +22,8 @@ How (chosen by measurement, docs/OPERATIONS.md "Open-writer check"):
 
 Limits: a writer on another host (NFS, SMB, CephFS clients) is invisible to both; filesystems
 without lease support (NFSv3, most FUSE) answer EINVAL, which is UNKNOWN. Where the check cannot be
-made, deleting sources after a `quiet` or `close` judgement is refused (agent/intake.py downgrades the
-watch to `keep` with one warning line at start).
+made, deleting sources after a `quiet` or `close` judgement is refused (agent/intake.py keeps that
+watch's sources instead, with one `delete-refused` line when the watch seals its first recording).
 
 A lease break (a writer opening the file during the microseconds a lease is held) sends the holder
 SIGIO, whose default action kills the process: `ignore_lease_breaks()` sets it to SIG_IGN, and every

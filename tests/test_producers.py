@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,32 @@ def test_default_config_with_every_in_place_recorder(tmp_path: Path, keyring_tem
     expected = {p.path.name: p.wait_done() for p in running}
     _delivered(setup, agent, expected)
     assert agent.stop() == 0
+
+
+def test_delete_refused_where_writers_cannot_be_checked(keyring_template: Path) -> None:
+    """An agent without CAP_LEASE (here: as nobody) cannot see other users' writers: a `quiet` + `delete`
+    watch keeps its sources, with one `delete-refused` line, and still delivers them."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and util-linux setpriv to run the agent as another user")
+    root = Path(tempfile.mkdtemp(prefix="mediaseal-nobody-"))  # not under pytest's 0700 base directory
+    try:
+        setup = _setup(root, keyring_template, [_watch(root, "capture", completion="quiet", quiet_seconds=0.5)])
+        for d in (setup.capture(), setup.repository):
+            d.mkdir(parents=True)
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, 65534, 65534, follow_symlinks=False)
+        agent = Agent(setup, prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
+        agent.wait_for("ready")
+        data = os.urandom(200_000)
+        (setup.capture() / "kept.wav").write_bytes(data)  # root's file: no lease for nobody
+        (refused,) = agent.wait_for("delete-refused")
+        assert refused["dispose"] == "keep" and "CAP_LEASE" in refused["reason"]
+        (disposed,) = agent.wait_for("disposed")
+        assert disposed["dispose"] == "keep"
+        agent.wait_for("delivered")
+        assert decrypt_all(setup.repository, setup.keyring) == {"kept.wav": [hashlib.sha256(data).hexdigest()]}
+        assert (setup.capture() / "kept.wav").read_bytes() == data
+        assert agent.stop() == 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
