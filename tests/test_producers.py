@@ -217,3 +217,69 @@ def test_delete_refused_where_writers_cannot_be_checked(keyring_template: Path) 
         assert agent.stop() == 0
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_source_that_grew_after_sealing_is_sealed_again_never_deleted(tmp_path: Path,
+                                                                          keyring_template: Path) -> None:
+    """Sealed and committed, then (the agent killed before disposal) the recorder appended to it: the
+    restarted agent does not delete it (`source-changed-after-seal`, warning) and seals it as it is now."""
+    setup = _setup(tmp_path, keyring_template, [_watch(tmp_path, "capture")])
+    crashed = Agent(setup, env={"MEDIASEAL_CRASH_AT": "after-commit:1"})
+    crashed.wait_for("ready")
+    path = setup.capture() / "grows.wav"
+    first = os.urandom(100_000)
+    path.write_bytes(first)
+    assert crashed.exited() == 86  # crash.CRASH_EXIT, right after the commit, before the disposal
+    more = os.urandom(50_000)
+    with path.open("ab") as f:
+        f.write(more)
+    agent = Agent(setup)
+    (changed,) = agent.wait_for("source-changed-after-seal")
+    assert changed["level"] == "warning"
+    agent.wait_for("disposed")  # the grown file, sealed again
+    agent.wait_for("delivered", count=2)
+    digests = sorted(hashlib.sha256(d).hexdigest() for d in (first, first + more))
+    assert sorted(decrypt_all(setup.repository, setup.keyring)["grows.wav"]) == digests
+    assert not path.exists()
+    assert agent.stop() == 0
+
+
+_HOLD = """
+import sys
+f = open(sys.argv[1], "ab", buffering=0)
+print("open", flush=True)
+sys.stdin.readline()
+f.write(b"z" * 50000)
+f.close()
+"""
+
+
+def test_disposal_leaves_a_source_reopened_for_writing(tmp_path: Path, keyring_template: Path) -> None:
+    """Committed, then (agent killed before disposal) a recorder reopened it to append: the restarted agent's
+    disposal finds it open for writing and leaves it (`source-open-for-writing`); sealed again once closed."""
+    setup = _setup(tmp_path, keyring_template, [_watch(tmp_path, "capture")])
+    crashed = Agent(setup, env={"MEDIASEAL_CRASH_AT": "after-commit:1"})
+    crashed.wait_for("ready")
+    path = setup.capture() / "reopened.wav"
+    first = os.urandom(100_000)
+    path.write_bytes(first)
+    assert crashed.exited() == 86
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        agent = Agent(setup)
+        (refused,) = agent.wait_for("source-open-for-writing")
+        assert refused["level"] == "warning" and path.exists()
+        agent.wait_for("delivered")  # the first package: committed before the crash
+        assert holder.stdin is not None
+        holder.stdin.write(b"go\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+    agent.wait_for("disposed")
+    agent.wait_for("delivered")
+    digests = sorted(hashlib.sha256(d).hexdigest() for d in (first, first + b"z" * 50000))
+    assert sorted(decrypt_all(setup.repository, setup.keyring)["reopened.wav"]) == digests
+    assert not path.exists()
+    assert agent.stop() == 0

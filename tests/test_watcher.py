@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -436,3 +437,28 @@ def test_probe_says_the_check_works_here(tmp_path: Path) -> None:
     assert reason is None if os.geteuid() == 0 else "CAP_LEASE" in (reason or "")
     assert os.listdir(tmp_path) == []
     assert probe(tmp_path / "missing") is not None
+
+
+def test_the_new_watch_keys_parse_and_are_checked(tmp_path: Path) -> None:
+    from mediaseal.agent.config import ConfigError, load_config
+
+    def load(extra: str, env: dict[str, str] | None = None) -> WatchConfig:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"[[watch]]\npath = '/w'\n{extra}\n[buffer]\npath = '/b'\n[keys]\nkeyring = '/k'\n"
+                       "[repository]\nurl = 'file:///r'\n")
+        return load_config(cfg, env or {}).watch[0]
+
+    w = load("")
+    assert (w.completion, w.temp_patterns, w.marker) == ("close", (".*", "*.part", "*.tmp", "*~"), None)
+    assert load("temp_patterns = ['*.inprogress']").temp_patterns == ("*.inprogress",)
+    assert load("", {"MEDIASEAL_WATCH__0__TEMP_PATTERNS": '["a*"]'}).temp_patterns == ("a*",)
+    assert load("completion = 'marker'\nmarker = '{dir}/../metadata/{stem}.txt'").marker is not None
+    for bad, message in [
+        ("temp_patterns = '*.part'", "watch[0].temp_patterns: expected an array of non-empty strings"),
+        ("completion = 'marker'\nmarker = '{dir}/x'", "watch[0].marker: must be a path template naming"),
+        ("completion = 'marker'\nmarker = '{path}'", "watch[0].marker: must be a path template naming"),
+        ("completion = 'marker'\nmarker = '{nope}.txt'", "watch[0].marker: must be a path template naming"),
+        ("marker = '{path}.done'", 'watch[0].marker: only used with completion = "marker"'),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(bad)
