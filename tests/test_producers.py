@@ -35,12 +35,18 @@ def _watch(root: Path, name: str, **kw: Any) -> dict[str, Any]:
     return {"path": str(root / name), "kind": "call", **kw}
 
 
+def _events(agent: Agent, want: dict[str, int], timeout: float = 120) -> None:
+    """Wait until each event name arrived `want[name]` times: one stream, so all are waited for at once
+    (waiting for one name after another would drop the other names' events arriving in between)."""
+    left = dict(want)
+    while any(left.values()):
+        (doc,) = agent.wait_for(tuple(n for n, c in left.items() if c > 0), timeout=timeout)
+        left[doc["event"]] -= 1
+
+
 def _delivered(setup: Setup, agent: Agent, expected: dict[str, str]) -> None:
     """Every recording delivered once, as closed; sources disposed; nothing left in the spool."""
-    got_events: dict[str, int] = {"disposed": 0, "delivered": 0}
-    while min(got_events.values()) < len(expected):  # one stream of events: wait for both names at once
-        (doc,) = agent.wait_for(tuple(n for n, c in got_events.items() if c < len(expected)), timeout=120)
-        got_events[doc["event"]] += 1
+    _events(agent, {"disposed": len(expected), "delivered": len(expected)})
     got = decrypt_all(setup.repository, setup.keyring)
     assert got == {name: [digest] for name, digest in expected.items()}
     for w in setup.watches:
@@ -211,7 +217,7 @@ def test_delete_refused_where_writers_cannot_be_checked(keyring_template: Path) 
         assert refused["dispose"] == "keep" and "CAP_LEASE" in refused["reason"]
         (disposed,) = agent.wait_for("disposed")
         assert disposed["dispose"] == "keep"
-        agent.wait_for("delivered")
+        agent.wait_for("delivered")  # after the disposal: the release waits for it
         assert decrypt_all(setup.repository, setup.keyring) == {"kept.wav": [hashlib.sha256(data).hexdigest()]}
         assert (setup.capture() / "kept.wav").read_bytes() == data
         assert agent.stop() == 0
@@ -236,8 +242,7 @@ def test_a_source_that_grew_after_sealing_is_sealed_again_never_deleted(tmp_path
     agent = Agent(setup)
     (changed,) = agent.wait_for("source-changed-after-seal")
     assert changed["level"] == "warning"
-    agent.wait_for("disposed")  # the grown file, sealed again
-    agent.wait_for("delivered", count=2)
+    _events(agent, {"disposed": 1, "delivered": 2})  # the first package, and the grown file sealed again
     digests = sorted(hashlib.sha256(d).hexdigest() for d in (first, first + more))
     assert sorted(decrypt_all(setup.repository, setup.keyring)["grows.wav"]) == digests
     assert not path.exists()
@@ -270,15 +275,13 @@ def test_disposal_leaves_a_source_reopened_for_writing(tmp_path: Path, keyring_t
         agent = Agent(setup)
         (refused,) = agent.wait_for("source-open-for-writing")
         assert refused["level"] == "warning" and path.exists()
-        agent.wait_for("delivered")  # the first package: committed before the crash
         assert holder.stdin is not None
         holder.stdin.write(b"go\n")
         holder.stdin.close()
         assert holder.wait(timeout=30) == 0
     finally:
         holder.kill()
-    agent.wait_for("disposed")
-    agent.wait_for("delivered")
+    _events(agent, {"disposed": 1, "delivered": 2})  # the first package, and the file sealed again once closed
     digests = sorted(hashlib.sha256(d).hexdigest() for d in (first, first + b"z" * 50000))
     assert sorted(decrypt_all(setup.repository, setup.keyring)["reopened.wav"]) == digests
     assert not path.exists()
