@@ -272,7 +272,7 @@ class Intake:
 
     def _dispose_mode(self, w: WatchConfig) -> DisposeMode:
         """The watch's disposal, or "keep" where deleting would rest on an open-writer check that cannot be
-        made there (probed once per watch, from a sealing thread; a missing directory is probed again)."""
+        made there (probed once per watch, from the thread sealing its first recording)."""
         if not unsafe_delete(w):
             return w.dispose
         with self._dispose_lock:

@@ -64,6 +64,7 @@ _BUSY_RECHECK = 1.0  # a hinted file that was busy (being sealed) is looked at a
 _BATCH = 256  # candidates found per trip to the scanning thread
 _MAX_HINTS = 1024  # per watch; past this a scan of the whole watch is cheaper than the list
 _HINT_RETRY_SECONDS = 5.0  # how soon to try inotify again (missing directory, watch limit)
+_OWN_PREFIX = ".mediaseal-"  # agent/disposal.py and agent/writers.py name their files so
 _OPEN_RECHECK = 1.0  # a complete-looking file still open for writing is looked at again this often
 _CLOSE_QUIET = 0.5  # completion = "close": size and mtime must hold this long after the last close
 _MARKER_RECHECK = 1.0  # a marker template that may point outside the watch (no event names it) is polled
@@ -80,8 +81,9 @@ class Candidate:
 
 
 def is_temp_name(name: str, patterns: Sequence[str] = TEMP_PATTERNS) -> bool:
-    """Names producers use while writing, never recordings (by default dotfiles, *.part, *.tmp, *~)."""
-    return any(fnmatchcase(name, p) for p in patterns)
+    """Names producers use while writing, never recordings (by default dotfiles, *.part, *.tmp, *~), and
+    the agent's own `.mediaseal-*` names (a source being disposed of, a probe) whatever the patterns say."""
+    return name.startswith(_OWN_PREFIX) or any(fnmatchcase(name, p) for p in patterns)
 
 
 def marker_for(watch: WatchConfig, path: Path) -> Path:

@@ -462,3 +462,12 @@ def test_the_new_watch_keys_parse_and_are_checked(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load(bad)
+
+
+async def test_the_agents_own_names_are_never_candidates_whatever_temp_patterns_say(tmp_path: Path) -> None:
+    w = WatchConfig(tmp_path, completion="rename", temp_patterns=("*.part",))
+    async with watching(w) as (queue, _):
+        (tmp_path / ".mediaseal-20261204T000000Z-abc.disposing").write_bytes(b"being disposed of")
+        await nothing_within(queue, 0.5)
+        drop(tmp_path / ".visible-here.wav")  # a dotfile is a recording under these patterns
+        assert (await next_candidate(queue)).path == tmp_path / ".visible-here.wav"
