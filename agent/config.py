@@ -2,7 +2,7 @@
 
 >>> cfg = load_config(Path("/etc/mediaseal.toml"), os.environ)     # or None: the embedded default
 >>> cfg.watch[0].completion, cfg.buffer.max_bytes
-('quiet', 10737418240)
+('close', 10737418240)
 
 Sections `[agent]`, `[[watch]]` (one or more), `[buffer]`, `[keys]`, `[repository]`, `[metrics]`; the
 keys are the fields of the dataclasses below. `MEDIASEAL_<SECTION>__<KEY>` overrides one key,
@@ -21,6 +21,7 @@ import mimetypes
 import os
 import re
 import socket
+import string
 import tomllib
 import types
 import typing
@@ -44,7 +45,9 @@ __all__ = [
 
 GiB = 1 << 30
 MiB = 1 << 20
-COMPLETIONS = ("quiet", "rename", "marker")
+COMPLETIONS = ("close", "quiet", "rename", "marker")
+TEMP_PATTERNS = (".*", "*.part", "*.tmp", "*~")  # names producers write under before renaming
+MARKER_FIELDS = ("path", "dir", "name", "stem")  # what a marker template may name
 LOG_FORMATS = ("text", "json")
 SSE_MODES = ("AES256", "aws:kms")
 _SIZE = {"size": True}  # field metadata: accepts "512MiB", "1GB", ... as well as an int
@@ -62,13 +65,15 @@ class WatchConfig:
     kind: str = "call"  # codec.KINDS
     pattern: str = "*"  # fnmatch on the file name (case-sensitive)
     recursive: bool = True
-    completion: str = "quiet"  # quiet | rename | marker
+    completion: str = "close"  # close | quiet | rename | marker (agent/watcher.py)
     quiet_seconds: float = 2.0
     marker_suffix: str = ".done"
     dispose: DisposeMode = "delete"
     move_to: Path | None = None  # required iff dispose == "move"; may be inside path (the watcher skips it)
     force_polling: bool = False  # network filesystems, where inotify sees nothing
     content_type: str | None = None  # None: guessed from the extension, else application/octet-stream
+    marker: str | None = None  # template, e.g. "{dir}/../metadata/{stem}.txt"; None: "{path}" + marker_suffix
+    temp_patterns: tuple[str, ...] = TEMP_PATTERNS  # fnmatch on names (files and directories): never candidates
 
 
 @dataclass(frozen=True)
@@ -275,6 +280,8 @@ def _base_type(hint: object) -> object:
         return next(a for a in hint.__args__ if a is not type(None))
     if typing.get_origin(hint) is typing.Literal:
         return str  # a string here; check() names the allowed values
+    if typing.get_origin(hint) is tuple:
+        return tuple  # of strings: the only sequences in the config
     return hint
 
 
@@ -337,12 +344,16 @@ class _Builder:
             float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
             str: (lambda v: isinstance(v, str), "a string"),
             Path: (lambda v: isinstance(v, str) and v != "", "a path (a non-empty string)"),
+            tuple: (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                    "an array of non-empty strings"),
         }
         ok, expected = checks[want]
         if not ok(value):
             raise self.error(where, f"expected {expected} (got {value!r})")
         if want is float:
             return float(typing.cast(float, value))
+        if want is tuple:
+            return tuple(typing.cast(list[str], value))
         if want is Path:
             return self.path(typing.cast(str, value))
         if f.metadata.get("source") and value != "" and "://" not in typing.cast(str, value):
@@ -368,6 +379,11 @@ class _Builder:
             self.rule(f"{at}.quiet_seconds", w.quiet_seconds >= 0, "must be >= 0")
             self.rule(f"{at}.marker_suffix", w.marker_suffix not in ("", ".") and "/" not in w.marker_suffix,
                       "must be a non-empty file-name suffix such as .done")
+            self.rule(f"{at}.marker", w.marker is None or _marker_template(w.marker),
+                      "must be a path template naming the recording, e.g. \"{path}.done\" or "
+                      "\"{dir}/../metadata/{stem}.txt\" (fields: " + ", ".join(MARKER_FIELDS) + ")")
+            self.rule(f"{at}.marker", w.marker is None or w.completion == "marker",
+                      'only used with completion = "marker"')
             self.choice(f"{at}.dispose", w.dispose, DISPOSE_MODES)
             if w.dispose == "move":
                 self.rule(f"{at}.move_to", w.move_to is not None, 'required with dispose = "move"')
@@ -457,6 +473,22 @@ class _Builder:
 
 _MEDIA_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _marker_template(template: str) -> bool:
+    """Names only known fields, names the recording (not its directory alone) and is not the recording."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        probe = template.format(path="/d/r.wav", dir="/d", name="r.wav", stem="r")
+    except (ValueError, KeyError, IndexError):
+        return False
+    return fields <= set(MARKER_FIELDS) and bool(fields - {"dir"}) and probe != "/d/r.wav"
+
+
+def unsafe_delete(w: WatchConfig) -> bool:
+    """Deleting sources after a judgement by time alone (`quiet`, or `close` whose close events and writer
+    check are local to this host): safe only where the open-writer check works (agent/writers.py)."""
+    return w.dispose == "delete" and w.completion in ("quiet", "close")
 
 
 def _inside(p: Path, root: Path) -> bool:

@@ -31,6 +31,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from mediaseal.agent.config import WatchConfig
+from mediaseal.agent.writers import refuse_if_open
 from mediaseal.buffer.manifest import DISPOSE_MODES, DisposeMode, Manifest, SourceIdentity
 from mediaseal.buffer.spool import Spool
 from mediaseal.plumbing.durable import fsync_dir
@@ -70,6 +71,8 @@ class Disposal:
                                                     "dispose": "keep"}})
             return
         src = Path(m.source)
+        if refuse_if_open(src, m.recording_id):  # invariant 8 (agent/writers.py): the watcher brings it back
+            return
         # The name is taken from the producer first (one atomic rename to a dotfile the watcher ignores),
         # and only then is the file under it checked: checking `src` and then unlinking `src` would
         # delete a new recording renamed over the name in between (a producer reusing names right

@@ -11,6 +11,11 @@ Only then is the source disposed, with the delivery queued beside it (`deliver`)
 durable commit, and unlinking a large file costs ~15 ms (ext4 freeing its extents) that the delivery
 need not wait for. The event loop only coordinates; the bytes move in threads.
 
+Invariant 8: a source still open for writing is never sealed (checked on the descriptor sealing reads,
+agent/writers.py; the watcher brings it back when its writer closes it), and a watch that deletes
+sources after a judgement by time alone (`quiet`, `close`) on a filesystem where that check cannot be
+made keeps its sources instead (`delete-refused`, one warning line per watch).
+
 Errors: a source that changed or vanished is redone or dropped quietly; an unreadable one is cooled
 down (looked at again later); a failed fsync (DurabilityError) is never handled here, it stops the
 agent.
@@ -35,12 +40,13 @@ from typing import Any
 
 from mediaseal import codec
 from mediaseal.agent import metrics
-from mediaseal.agent.config import Config, content_type_for
+from mediaseal.agent.config import Config, WatchConfig, content_type_for, unsafe_delete
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.watcher import Candidate
-from mediaseal.buffer.manifest import Manifest, SourceIdentity
+from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd, probe
+from mediaseal.buffer.manifest import DisposeMode, Manifest, SourceIdentity
 from mediaseal.buffer.spool import Reservation, Spool, SpoolFullError
 from mediaseal.plumbing.durable import DurabilityError
 from mediaseal.uploader import repository_key
@@ -50,12 +56,17 @@ log = logging.getLogger("mediaseal.pipeline")
 UNREADABLE_RETRY_SECONDS = 60.0
 FAILURE_RETRY_SECONDS = 5.0
 ROOM_CHECK_SECONDS = 1.0  # while the spool's filesystem is full: how often to look for room again
+OPEN_RETRY_SECONDS = 1.0  # a source found open for writing at sealing time: its close event brings it back
 
 __all__ = ["Cancelled", "Intake", "SourceChangedError", "display_name", "package_estimate", "recording_id"]
 
 
 class SourceChangedError(Exception):
     """The source file changed while it was being sealed: the package is discarded and redone."""
+
+
+class SourceOpenError(Exception):
+    """A process still has the source open for writing: not sealed now (invariant 8)."""
 
 
 class Cancelled(Exception):
@@ -99,6 +110,9 @@ class Intake:
         self._cooldown: dict[Path, float] = {}  # path -> monotonic time before which it is skipped
         self._cancel = threading.Event()
         self.paused_reason: str | None = None  # why intake waits for room in the spool (readiness shows it)
+        self._dispose: dict[Path, DisposeMode] = {}  # watch path -> its disposal, once probed (unsafe_delete)
+        self._dispose_lock = threading.Lock()
+        ignore_lease_breaks()  # in the main thread, before any sealing thread takes a lease
 
     def is_busy(self, path: Path) -> bool:
         """Whether the watcher should leave `path` alone for now (being sealed, or cooling down)."""
@@ -162,6 +176,10 @@ class Intake:
             metrics.FAILED.labels("intake", "spool-full").inc()
             await self._wait_for_room(str(e), need, stop)
             return False
+        except SourceOpenError:
+            log.info("still-open", extra={"fields": fields})
+            self._cooldown[cand.path] = time.monotonic() + OPEN_RETRY_SECONDS
+            return True
         except SourceChangedError:
             metrics.REDONE.inc()
             log.info("redo", extra={"fields": fields})
@@ -251,6 +269,8 @@ class Intake:
             sealed_from = SourceIdentity.of(os.fstat(fd))
             if not sealed_from.same_file(cand.identity):
                 raise SourceChangedError
+            if open_writers_fd(fd) is Writers.OPEN:  # the watcher asked too, but a writer may have come back
+                raise SourceOpenError
             captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
             metadata = codec.Metadata(
                 recording_id=rid, kind=w.kind, content_type=content_type_for(cand.path.name, w.content_type),
@@ -277,10 +297,29 @@ class Intake:
             repo_key=repository_key(w.kind, metadata.captured_at, rid),
             package_size=result.package_size, sha256=None, kid=recipient.kid, source=str(cand.path),
             identity=ident.to_dict(),
-            dispose=w.dispose, move_to=str(w.move_to) if w.move_to else None,
+            dispose=self._dispose_mode(w), move_to=str(w.move_to) if w.move_to else None,
             marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
         )
         return self.spool.commit(staged_path, manifest, reservation)
+
+
+    def _dispose_mode(self, w: WatchConfig) -> DisposeMode:
+        """The watch's disposal, or "keep" where deleting would rest on an open-writer check that cannot be
+        made there (probed once per watch, from the thread sealing its first recording)."""
+        if not unsafe_delete(w):
+            return w.dispose
+        with self._dispose_lock:
+            if (mode := self._dispose.get(w.path)) is not None:
+                return mode
+            reason = probe(w.path)
+            if reason is None:
+                mode = w.dispose
+            else:
+                mode = "keep"
+                log.warning("delete-refused", extra={"fields": {
+                    "watch": str(w.path), "completion": w.completion, "dispose": "keep", "reason": reason}})
+            self._dispose[w.path] = mode
+            return mode
 
 
 def _has_room(spool: Spool, need: int) -> bool:

@@ -8,11 +8,18 @@ The filesystem is the truth; watchfiles (inotify) events are only hints naming p
 A full reconciliation scan runs at start, every `rescan_seconds` and on rescan_now(), so nothing is
 missed after a restart, an inotify overflow or on a network filesystem.
 
-Completion, per watch: `rename`: any file whose name is not a temp name is complete; `marker`:
-complete once `<file><marker_suffix>` exists; `quiet`: complete once its mtime is `quiet_seconds`
-old and its size and mtime equal the previous observation, if there was one. Temp names (`*.part`,
-`*.tmp`, `*~`, dotfiles and anything in a dot-directory) and names not matching `pattern` are never
-candidates. Symlinks are never followed (a configured capture directory may itself be one), other
+Completion, per watch: `close` (the default): complete once no process has it open for writing
+(agent/writers.py; inotify IN_CLOSE_WRITE, through asyncinotify, says when to look: watchfiles drops
+close events) and its size and mtime held for a short re-check (`min(quiet_seconds, 0.5)`: a writer
+that closes and reopens to append, as rtpengine may, is not cut); `rename`: any file whose name is not
+a temp name is complete; `marker`: complete once its marker exists (`marker`, a template over
+{path} {dir} {name} {stem}, or `<file><marker_suffix>`); `quiet`: complete once its mtime is
+`quiet_seconds` old and its size and mtime equal the previous observation, if there was one.
+In every mode a file still open for writing is not complete (invariant 8): it stays pending and is
+looked at again on its close event or every second. Temp names (`temp_patterns` per watch, by
+default `.*`, `*.part`, `*.tmp`, `*~`, matched against file and directory names, so anything in a
+dot-directory too) and names not matching `pattern` are never candidates. Symlinks are never followed
+(a configured capture directory may itself be one), other
 watches' directories and `move_to` directories are never entered.
 
 A complete file may be emitted again by a later scan while it is still there and not `is_busy`:
@@ -39,13 +46,15 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from asyncinotify import Inotify, Mask
 from watchfiles import Change, awatch
 
-from mediaseal.agent.config import WatchConfig
+from mediaseal.agent.config import TEMP_PATTERNS, WatchConfig
 from mediaseal.agent.metrics import RESCANS, UNREADABLE
+from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd
 from mediaseal.buffer.manifest import SourceIdentity
 
-__all__ = ["Candidate", "Watcher", "is_temp_name"]
+__all__ = ["Candidate", "Watcher", "is_temp_name", "marker_for"]
 
 log = logging.getLogger("mediaseal.watcher")
 
@@ -55,6 +64,10 @@ _BUSY_RECHECK = 1.0  # a hinted file that was busy (being sealed) is looked at a
 _BATCH = 256  # candidates found per trip to the scanning thread
 _MAX_HINTS = 1024  # per watch; past this a scan of the whole watch is cheaper than the list
 _HINT_RETRY_SECONDS = 5.0  # how soon to try inotify again (missing directory, watch limit)
+_OWN_PREFIX = ".mediaseal-"  # agent/disposal.py and agent/writers.py name their files so
+_OPEN_RECHECK = 1.0  # a complete-looking file still open for writing is looked at again this often
+_CLOSE_QUIET = 0.5  # completion = "close": size and mtime must hold this long after the last close
+_MARKER_RECHECK = 1.0  # a marker template that may point outside the watch (no event names it) is polled
 
 
 @dataclass(frozen=True)
@@ -67,9 +80,29 @@ class Candidate:
     marker: Path | None = None  # the sidecar that marked it complete (completion = "marker")
 
 
-def is_temp_name(name: str) -> bool:
-    """Names producers use while writing, never recordings: dotfiles, *.part, *.tmp, *~."""
-    return name.startswith(".") or name.endswith((".part", ".tmp", "~"))
+def is_temp_name(name: str, patterns: Sequence[str] = TEMP_PATTERNS) -> bool:
+    """Names producers use while writing, never recordings (by default dotfiles, *.part, *.tmp, *~), and
+    the agent's own `.mediaseal-*` names (a source being disposed of, a probe) whatever the patterns say."""
+    return name.startswith(_OWN_PREFIX) or any(fnmatchcase(name, p) for p in patterns)
+
+
+def marker_for(watch: WatchConfig, path: Path) -> Path:
+    """The marker whose existence completes `path` (completion = "marker")."""
+    if watch.marker is None:
+        return path.with_name(path.name + watch.marker_suffix)
+    text = watch.marker.format(path=path, dir=path.parent, name=path.name, stem=path.stem)
+    return Path(os.path.normpath(text))
+
+
+def _marker_suffix(watch: WatchConfig) -> str | None:
+    """The suffix when the marker sits beside its recording as `<name><suffix>` (markers are then known
+    by name, and a marker's own event points at its recording); None for other templates."""
+    if watch.marker is None:
+        return watch.marker_suffix
+    rest = watch.marker.removeprefix("{path}")
+    if rest != watch.marker and rest and "{" not in rest and "/" not in rest:
+        return rest
+    return None
 
 
 def _never_busy(path: Path) -> bool:
@@ -96,6 +129,7 @@ class Watcher:
         if not watches or rescan_seconds <= 0:
             raise ValueError("Watcher needs at least one watch and rescan_seconds > 0")
         self._scanner = _Scanner(watches, clock)
+        ignore_lease_breaks()  # here, in the main thread: the writer check takes leases (agent/writers.py)
         self._rescan_seconds = rescan_seconds
         self._is_busy = is_busy
         self._clock = clock
@@ -127,18 +161,22 @@ class Watcher:
         halt = asyncio.Event()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mediaseal-watcher")
         hints = [asyncio.create_task(self._hint_loop(i, halt)) for i in range(len(self._scanner.watches))]
+        closes = [asyncio.create_task(self._close_loop(i)) for i, w in enumerate(self._scanner.watches)
+                  if not w.force_polling]
         main = asyncio.create_task(self._loop(out, executor))
         stopped = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             halt.set()
+            for task in closes:
+                task.cancel()
             main.cancel()
             stopped.cancel()
             await asyncio.wait(hints, timeout=1.0)  # awatch sees halt within one 50 ms step
             for task in hints:
                 task.cancel()
-            await asyncio.gather(main, stopped, *hints, return_exceptions=True)
+            await asyncio.gather(main, stopped, *hints, *closes, return_exceptions=True)
             executor.shutdown(wait=False, cancel_futures=True)
         if not main.cancelled() and (error := main.exception()) is not None:
             raise error
@@ -200,7 +238,8 @@ class Watcher:
             try:
                 root = os.stat(watch.path)
                 async for changes in awatch(
-                    watch.path, watch_filter=_hint_filter, stop_event=halt, force_polling=watch.force_polling,
+                    watch.path, watch_filter=_hint_filter(watch.temp_patterns), stop_event=halt,
+                    force_polling=watch.force_polling,
                     recursive=watch.recursive, ignore_permission_denied=True, yield_on_timeout=True,
                     step=_EVENT_STEP_MS,
                 ):
@@ -225,6 +264,47 @@ class Watcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), min(self._rescan_seconds, _HINT_RETRY_SECONDS))
 
+    async def _close_loop(self, i: int) -> None:
+        """IN_CLOSE_WRITE events for one watch as hints, so a file is looked at the moment its writer closed
+        it (watchfiles drops close events). Runs until cancelled; rebuilt if the directory is replaced."""
+        watch = self._scanner.watches[i]
+        reported, restarted = "", False
+        while True:
+            try:
+                with Inotify() as inotify:
+                    # The root may be a symlink the operator configured: followed, unlike everything below it.
+                    root = inotify.add_watch(watch.path, _DIR_EVENTS & ~Mask.DONT_FOLLOW)
+                    for directory in await asyncio.to_thread(self._scanner.directories, i):
+                        with contextlib.suppress(OSError):  # vanished, or not a directory any more
+                            inotify.add_watch(directory, _DIR_EVENTS)
+                    if restarted:
+                        self.rescan_now()  # anything closed while no watch was in place
+                    restarted = True
+                    async for event in inotify:
+                        if event.path is None:
+                            if Mask.Q_OVERFLOW in event.mask:
+                                self.rescan_now()
+                            continue
+                        if event.watch is root and Mask.IGNORED in event.mask:
+                            break  # the capture directory itself went away
+                        if Mask.ISDIR in event.mask:
+                            if (watch.recursive and (Mask.CREATE | Mask.MOVED_TO) & event.mask
+                                    and self._scanner.enterable(i, event.path)):
+                                with contextlib.suppress(OSError):
+                                    inotify.add_watch(event.path, _DIR_EVENTS)
+                                self._add_hints(i, {(Change.added, str(event.path))})
+                            continue
+                        if Mask.CLOSE_WRITE in event.mask and _close_hint(watch, event.path.name):
+                            self._add_hints(i, {(Change.modified, str(event.path))})
+            except FileNotFoundError:
+                pass  # the scan reports a missing capture directory
+            except Exception as e:  # the inotify watch or instance limit: the per-second recheck still works
+                if str(e) != reported:
+                    reported = str(e)
+                    log.warning("close-events-unavailable", extra={"fields": {"watch": str(watch.path),
+                                                                              "error": reported}})
+            await asyncio.sleep(_HINT_RETRY_SECONDS)
+
     def _add_hints(self, i: int, changes: set[tuple[Change, str]]) -> None:
         if i not in self._flooded:
             paths = self._hints.setdefault(i, set())
@@ -235,6 +315,15 @@ class Watcher:
         self._wake.set()
 
 
+def _close_hint(watch: WatchConfig, name: str) -> bool:
+    """Whether a close event names a possible recording (a marker's creation was hint enough already)."""
+    suffix = _marker_suffix(watch) if watch.completion == "marker" else None
+    return not is_temp_name(name, watch.temp_patterns) and not (suffix is not None and name.endswith(suffix))
+
+
+_DIR_EVENTS = Mask.CLOSE_WRITE | Mask.CREATE | Mask.MOVED_TO | Mask.ONLYDIR | Mask.DONT_FOLLOW | Mask.EXCL_UNLINK
+
+
 def _leaves(e: BaseException) -> list[BaseException]:
     """The errors inside (nested) exception groups: anyio wraps watchfiles' errors in a TaskGroup's."""
     if isinstance(e, BaseExceptionGroup):
@@ -242,8 +331,10 @@ def _leaves(e: BaseException) -> list[BaseException]:
     return [e]
 
 
-def _hint_filter(change: Change, path: str) -> bool:
-    return not is_temp_name(os.path.basename(path))  # appends to x.part must not wake us
+def _hint_filter(patterns: Sequence[str]) -> Callable[[Change, str], bool]:
+    def wanted(change: Change, path: str) -> bool:
+        return not is_temp_name(os.path.basename(path), patterns)  # appends to x.part must not wake us
+    return wanted
 
 
 def _same_dir(before: os.stat_result, path: Path) -> bool:
@@ -318,6 +409,34 @@ class _Scanner:
     def next_due(self) -> float | None:
         return min((n.due for n in self.notes.values() if n.due is not None), default=None)
 
+    def enterable(self, i: int, directory: Path) -> bool:
+        """Whether scans of watch `i` enter `directory` (a real directory, not temp-named, not fenced)."""
+        watch = self.watches[i]
+        if directory == watch.path or not directory.is_relative_to(watch.path) or not watch.recursive:
+            return directory == watch.path
+        d = watch.path
+        for part in directory.relative_to(watch.path).parts:
+            d = d / part
+            if is_temp_name(part, watch.temp_patterns) or d in self.fences or not _is_real_dir(d):
+                return False
+        return True
+
+    def directories(self, i: int) -> list[Path]:
+        """The directories under watch `i` that its scans enter (for the close-event watches)."""
+        watch, found = self.watches[i], list[Path]()
+        if not watch.recursive:
+            return found
+        stack = [watch.path]
+        while stack:
+            with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    path = Path(entry.path)
+                    if (entry.is_dir(follow_symlinks=False) and not is_temp_name(entry.name, watch.temp_patterns)
+                            and path not in self.fences):
+                        found.append(path)
+                        stack.append(path)
+        return found
+
     def _tree(self, i: int, top: Path) -> Generator[Candidate, None, None]:
         watch = self.watches[i]
         stack = [top]  # paths, not open iterators: one directory handle open at a time
@@ -340,7 +459,8 @@ class _Scanner:
                         path = Path(entry.path)
                         try:
                             if entry.is_dir(follow_symlinks=False):
-                                if watch.recursive and not is_temp_name(entry.name) and path not in self.fences:
+                                if (watch.recursive and not is_temp_name(entry.name, watch.temp_patterns)
+                                        and path not in self.fences):
                                     stack.append(path)
                                 continue
                             st = entry.stat(follow_symlinks=False)
@@ -363,7 +483,7 @@ class _Scanner:
         directory = watch.path
         for part in parts[:-1]:  # every directory on the way must be a real, visible, unfenced one
             directory = directory / part
-            if is_temp_name(part) or directory in self.fences or not _is_real_dir(directory):
+            if is_temp_name(part, watch.temp_patterns) or directory in self.fences or not _is_real_dir(directory):
                 return
         try:
             st = os.lstat(path)
@@ -371,10 +491,10 @@ class _Scanner:
             self.notes.pop(path, None)
             return
         if stat.S_ISDIR(st.st_mode):
-            if watch.recursive and not is_temp_name(path.name) and path not in self.fences:
+            if watch.recursive and not is_temp_name(path.name, watch.temp_patterns) and path not in self.fences:
                 yield from self._tree(i, path)
-        elif watch.completion == "marker" and path.name.endswith(watch.marker_suffix):
-            recording = path.with_name(path.name.removesuffix(watch.marker_suffix))
+        elif watch.completion == "marker" and (suffix := _marker_suffix(watch)) and path.name.endswith(suffix):
+            recording = path.with_name(path.name.removesuffix(suffix))
             with contextlib.suppress(OSError):
                 st = os.lstat(recording)
                 if not stat.S_ISDIR(st.st_mode):
@@ -384,7 +504,10 @@ class _Scanner:
 
     def _consider(self, i: int, path: Path, st: os.stat_result) -> Iterator[Candidate]:
         watch, name = self.watches[i], path.name
-        if is_temp_name(name) or (watch.completion == "marker" and name.endswith(watch.marker_suffix)):
+        if is_temp_name(name, watch.temp_patterns):
+            return
+        suffix = _marker_suffix(watch) if watch.completion == "marker" else None
+        if suffix is not None and name.endswith(suffix):
             return
         if not fnmatchcase(name, watch.pattern):
             return
@@ -404,13 +527,17 @@ class _Scanner:
                 return
         identity, marker = SourceIdentity.of(st), None
         if watch.completion == "marker":
-            marker = path.with_name(name + watch.marker_suffix)
+            marker = marker_for(watch, path)
+            if marker == path:
+                return  # the marker template names the file itself: it is some recording's marker
             if not os.path.lexists(marker):
+                if suffix is None:  # no event of ours may name the marker (another directory): poll it
+                    self._pending(i, path, identity, now, now + _MARKER_RECHECK)
                 return
-        elif watch.completion == "quiet" and not self._quiet(i, path, identity, now):
+        elif watch.completion == "quiet" and not self._quiet(i, path, identity, now, watch.quiet_seconds):
             return
         try:
-            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC))
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
         except FileNotFoundError:
             self.notes.pop(path, None)
             return
@@ -423,14 +550,38 @@ class _Scanner:
             self.notes[path] = _Note(i, "unreadable", self.gen, due=now + UNREADABLE_RETRY_SECONDS, reported=True,
                                      ctime_ns=st.st_ctime_ns)
             return
+        try:
+            writers = open_writers_fd(fd)
+        finally:
+            os.close(fd)
+        if writers is Writers.OPEN:  # invariant 8, in every mode: its close event (or a second) brings it back
+            self._pending(i, path, identity, now, now + _OPEN_RECHECK)
+            return
+        if watch.completion == "close":
+            # Where writers cannot be seen (UNKNOWN: NFS, FUSE, another user's process) only time can tell.
+            quiet = min(watch.quiet_seconds, _CLOSE_QUIET) if writers is Writers.NONE else watch.quiet_seconds
+            if not self._quiet(i, path, identity, now, quiet):
+                return
+        note = self.notes.get(path)
         if note is not None and note.reported:
             log.info("readable-again", extra={"fields": {"path": str(path)}})
         self.notes.pop(path, None)
         yield Candidate(path, watch, identity, marker)
 
-    def _quiet(self, i: int, path: Path, ident: SourceIdentity, now: float) -> bool:
-        """Complete once unchanged since the last look and `quiet_seconds` old; else note when to look again."""
-        quiet, note = self.watches[i].quiet_seconds, self.notes.get(path)
+    def _pending(self, i: int, path: Path, ident: SourceIdentity, now: float, due: float) -> None:
+        """Not complete yet (still open, no marker): look again at `due`, keeping what `_quiet` knows."""
+        note = self.notes.get(path)
+        shape = (ident.dev, ident.ino, ident.size, ident.mtime_ns)
+        if note is not None and note.state == "pending" and note.shape == shape:
+            since = note.since
+        else:
+            since = min(ident.mtime_ns / 1e9, now)
+        reported = note is not None and note.reported
+        self.notes[path] = _Note(i, "pending", self.gen, due=due, shape=shape, since=since, reported=reported)
+
+    def _quiet(self, i: int, path: Path, ident: SourceIdentity, now: float, quiet: float) -> bool:
+        """Complete once unchanged since the last look and `quiet` s old; else note when to look again."""
+        note = self.notes.get(path)
         shape = (ident.dev, ident.ino, ident.size, ident.mtime_ns)
         previous = note if note is not None and note.state == "pending" else None
         if previous is not None and previous.shape == shape:

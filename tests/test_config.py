@@ -132,7 +132,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     cfg = load_config(write(sub, MINIMAL), {})
     (w,) = cfg.watch
     assert (w.path, w.kind, w.completion, w.quiet_seconds, w.dispose, w.pattern) == (
-        sub / "capture", "call", "quiet", 2.0, "delete", "*")
+        sub / "capture", "call", "close", 2.0, "delete", "*")
     assert cfg.buffer.path == sub / "buffer"
     assert cfg.buffer.max_bytes == 10 * GiB
     assert cfg.keys.keyring == sub / "keyring"
@@ -163,7 +163,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     ("[buffer]\npath = '/b'\nmax_bytes = 1.5", "config: buffer.max_bytes: expected a size such as 512MiB or an"),
     # values
     ("[[watch]]\npath = '/w'\ncompletion = 'qiuet'",
-     "config: watch[0].completion: must be one of quiet, rename, marker (got 'qiuet')"),
+     "config: watch[0].completion: must be one of close, quiet, rename, marker (got 'qiuet')"),
     ("[[watch]]\npath = '/w'\nkind = 'video'",
      "config: watch[0].kind: must be one of call, screen, digital, transcript"),
     ("[[watch]]\npath = '/w'\ndispose = 'shred'", "config: watch[0].dispose: must be one of delete, keep, move"),
@@ -271,7 +271,7 @@ def test_env_overrides(tmp_path: Path) -> None:
     ({"MEDIASEAL_AGENT__CONCURRENCY": "two"},
      "config: agent.concurrency: expected an integer (got 'two') (from MEDIASEAL_AGENT__CONCURRENCY)"),
     ({"MEDIASEAL_WATCH__0__COMPLETION": "qiuet"},
-     "config: watch[0].completion: must be one of quiet, rename, marker (got 'qiuet') "
+     "config: watch[0].completion: must be one of close, quiet, rename, marker (got 'qiuet') "
      "(from MEDIASEAL_WATCH__0__COMPLETION)"),
     # an appended watch must validate on its own
     ({"MEDIASEAL_WATCH__1__KIND": "screen"}, "config: watch[1].path: required"),
@@ -292,7 +292,7 @@ def test_no_file_is_embedded_default_plus_env(tmp_path: Path, monkeypatch: pytes
 def test_embedded_default(tmp_path: Path) -> None:
     cfg = embedded_default(tmp_path)
     (w,) = cfg.watch
-    assert (w.path, w.kind, w.completion) == (tmp_path / "capture", "call", "quiet")
+    assert (w.path, w.kind, w.completion) == (tmp_path / "capture", "call", "close")
     assert cfg.buffer.path == tmp_path / "buffer"
     assert cfg.repository.url == f"file://{tmp_path}/repository"
     assert cfg.keys.keyring == tmp_path / "keyring"

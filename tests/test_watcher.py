@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -353,3 +354,128 @@ async def test_stop_returns_promptly_while_blocked_on_a_full_queue(tmp_path: Pat
     await until(queue.full, what="the watcher blocked on a full queue")
     stop.set()
     await asyncio.wait_for(task, CEILING)  # blocked on put() with nobody taking: only stop can end it
+
+
+# -- issue 14: open writers, completion = "close", temp_patterns, marker templates -------------------------
+
+
+async def test_close_mode_waits_for_the_last_writer_to_close(tmp_path: Path) -> None:
+    """Written in place with a pause while open: a candidate only once closed, at its final size, soon after
+    the close (rescan 30 s: the close event did it)."""
+    path = tmp_path / "inplace.wav"
+    async with watching(WatchConfig(tmp_path, completion="close", quiet_seconds=0.5)) as (queue, _):
+        with path.open("wb") as f:
+            f.write(b"a" * 100_000)
+            f.flush()
+            await nothing_within(queue, 1.5)  # open and silent: not complete
+            f.write(b"b" * 100_000)
+        closed = time.monotonic()
+        got = await next_candidate(queue)
+        assert (got.path, got.identity.size) == (path, 200_000)
+        assert time.monotonic() - closed < 3.0
+
+
+@pytest.mark.parametrize("completion", ["quiet", "rename"])
+async def test_a_file_open_for_writing_is_never_a_candidate(tmp_path: Path, completion: str) -> None:
+    """Issue 14, observations 1 and 2 at the watcher: quiet time passed, or a final name, but still open."""
+    path = tmp_path / "held.wav"
+    async with watching(WatchConfig(tmp_path, completion=completion, quiet_seconds=0.3)) as (queue, _):
+        f = path.open("wb")
+        try:
+            f.write(b"x" * 1000)
+            f.flush()
+            await nothing_within(queue, 1.5)
+            f.write(b"y" * 1000)
+        finally:
+            f.close()
+        got = await next_candidate(queue)
+        assert (got.path, got.identity.size) == (path, 2000)
+
+
+async def test_temp_patterns_are_per_watch(tmp_path: Path) -> None:
+    w = WatchConfig(tmp_path, completion="rename", temp_patterns=("*.inprogress",))
+    async with watching(w) as (queue, _):
+        (tmp_path / "a.wav.inprogress").write_bytes(b"x")
+        await nothing_within(queue, 0.5)
+        (tmp_path / "a.wav.inprogress").rename(tmp_path / "a.wav")
+        assert (await next_candidate(queue)).path == tmp_path / "a.wav"
+        (tmp_path / "b.part").write_bytes(b"no longer a temp name here")
+        assert (await next_candidate(queue)).path == tmp_path / "b.part"
+
+
+async def test_marker_template_in_another_directory(tmp_path: Path) -> None:
+    """rtpengine's pcap mode: pcaps/<call>.pcap is complete once metadata/<call>.txt exists."""
+    pcaps, meta = tmp_path / "pcaps", tmp_path / "metadata"
+    pcaps.mkdir()
+    meta.mkdir()
+    w = WatchConfig(pcaps, completion="marker", marker="{dir}/../metadata/{stem}.txt")
+    async with watching(w) as (queue, _):
+        (pcaps / "call.pcap").write_bytes(b"pcap")
+        await nothing_within(queue, 1.0)
+        (meta / ".call.txt.tmp").write_text("call-id: call\n")
+        (meta / ".call.txt.tmp").rename(meta / "call.txt")
+        got = await next_candidate(queue)
+        assert (got.path, got.marker) == (pcaps / "call.pcap", meta / "call.txt")
+
+
+HOLDER = "import sys, time; f = open(sys.argv[1], sys.argv[2]); print('open', flush=True); time.sleep(60)"
+
+
+@pytest.mark.parametrize("mode", ["ab", "r+b", "rb"])
+def test_open_writers_sees_another_process(tmp_path: Path, mode: str) -> None:
+    from mediaseal.agent.writers import Writers, open_writers, proc_scan
+
+    path = tmp_path / "f.wav"
+    path.write_bytes(b"x")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), mode], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        want = Writers.NONE if mode == "rb" else Writers.OPEN
+        assert (open_writers(path), proc_scan(path)) == (want, want)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (open_writers(path), proc_scan(path)) == (Writers.NONE, Writers.NONE)
+
+
+def test_probe_says_the_check_works_here(tmp_path: Path) -> None:
+    from mediaseal.agent.writers import probe
+
+    reason = probe(tmp_path)  # a local filesystem: leases work; without root, CAP_LEASE is missing
+    assert reason is None if os.geteuid() == 0 else "CAP_LEASE" in (reason or "")
+    assert os.listdir(tmp_path) == []
+    assert probe(tmp_path / "missing") is not None
+
+
+def test_the_new_watch_keys_parse_and_are_checked(tmp_path: Path) -> None:
+    from mediaseal.agent.config import ConfigError, load_config
+
+    def load(extra: str, env: dict[str, str] | None = None) -> WatchConfig:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"[[watch]]\npath = '/w'\n{extra}\n[buffer]\npath = '/b'\n[keys]\nkeyring = '/k'\n"
+                       "[repository]\nurl = 'file:///r'\n")
+        return load_config(cfg, env or {}).watch[0]
+
+    w = load("")
+    assert (w.completion, w.temp_patterns, w.marker) == ("close", (".*", "*.part", "*.tmp", "*~"), None)
+    assert load("temp_patterns = ['*.inprogress']").temp_patterns == ("*.inprogress",)
+    assert load("", {"MEDIASEAL_WATCH__0__TEMP_PATTERNS": '["a*"]'}).temp_patterns == ("a*",)
+    assert load("completion = 'marker'\nmarker = '{dir}/../metadata/{stem}.txt'").marker is not None
+    for bad, message in [
+        ("temp_patterns = '*.part'", "watch[0].temp_patterns: expected an array of non-empty strings"),
+        ("completion = 'marker'\nmarker = '{dir}/x'", "watch[0].marker: must be a path template naming"),
+        ("completion = 'marker'\nmarker = '{path}'", "watch[0].marker: must be a path template naming"),
+        ("completion = 'marker'\nmarker = '{nope}.txt'", "watch[0].marker: must be a path template naming"),
+        ("marker = '{path}.done'", 'watch[0].marker: only used with completion = "marker"'),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(bad)
+
+
+async def test_the_agents_own_names_are_never_candidates_whatever_temp_patterns_say(tmp_path: Path) -> None:
+    w = WatchConfig(tmp_path, completion="rename", temp_patterns=("*.part",))
+    async with watching(w) as (queue, _):
+        (tmp_path / ".mediaseal-20261204T000000Z-abc.disposing").write_bytes(b"being disposed of")
+        await nothing_within(queue, 0.5)
+        drop(tmp_path / ".visible-here.wav")  # a dotfile is a recording under these patterns
+        assert (await next_candidate(queue)).path == tmp_path / ".visible-here.wav"
