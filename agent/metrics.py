@@ -53,6 +53,14 @@ QUARANTINED = Gauge("mediaseal_packages_quarantined",
                     "Packages whose last delivery failed permanently (re-probed slowly)", registry=REGISTRY)
 READY = Gauge("mediaseal_ready", "1 when /readyz answers 200 (keys valid, spool writable, repository reachable)",
               registry=REGISTRY)
+# Sources the agent sealed but could not remove from the capture directory (agent/disposal.py): each
+# counted once, by reason; the gauge is how many still wait (plaintext left where the producer wrote it).
+DISPOSE_FAILURES = Counter("mediaseal_dispose_failures_total",
+                           "Sealed sources whose disposal failed (counted once per recording and start), by reason",
+                           ["reason"], registry=REGISTRY)
+UNDISPOSED = Gauge("mediaseal_sources_undisposed",
+                   "Sealed and delivered sources still in the capture directory, their disposal failing",
+                   registry=REGISTRY)
 SPOOL_CAPACITY = Gauge("mediaseal_spool_capacity_bytes", "The spool's configured capacity ([buffer] max_bytes)",
                        registry=REGISTRY)
 
