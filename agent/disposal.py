@@ -113,7 +113,7 @@ class Disposal:
         self._arm_retry()
 
     async def settled(self, recording_id: str) -> None:
-        """Return once no disposal of `recording_id` is under way (its failure is the intake's to report)."""
+        """Return once no disposal of `recording_id` is under way (done, or failed and remembered)."""
         if (fut := self._under_way.get(recording_id)) is not None:
             await asyncio.wait([fut])
 
@@ -215,6 +215,9 @@ class Disposal:
             if m.recording_id not in known:
                 known.add(m.recording_id)
                 self._attempt(m)
+        # Every manifest, also one recovery kept as evidence (its package missing before verification):
+        # its plaintext under the private name may be the only copy left.
+        known |= {m.recording_id for m in self._spool.manifests()}
         for w in self._watches:
             self._finish_orphans(w, known)
         metrics.UNDISPOSED.set(self._spool.undisposed_count)

@@ -8,6 +8,7 @@ held there, and `chattr +i` makes a capture directory the agent (root) can read 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -17,14 +18,18 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, decrypt_all, drop, make_keyring, spool_files
 from reliability_outages import METRICS_ENV, Scrape
 
+from mediaseal.agent.config import WatchConfig
+from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.intake import recording_id
-from mediaseal.buffer.manifest import SourceIdentity
+from mediaseal.buffer.manifest import Manifest, SourceIdentity
+from mediaseal.buffer.spool import Spool
 
 MiB = 1 << 20
 AGENT_ID = "test-agent"  # agent_harness.Setup's [agent] id
@@ -255,3 +260,29 @@ def test_undeletable_source_is_sealed_once_reported_and_disposed_once_allowed(se
     assert agent.stop() == 0
     assert decrypt_all(setup.repository, setup.keyring) == {"readonly.wav": [sha]}
     assert spool_files(setup.spool) == []
+
+
+# -- recovery's sweep of private names, in process (real files) --------------------------------------------
+
+
+def test_recovery_sweeps_only_private_names_no_manifest_knows(tmp_path: Path) -> None:
+    """An orphan private name (no manifest, no undisposed record: its package was released) is
+    finished; one whose manifest recovery kept as evidence (its package missing before verification)
+    is left, because that plaintext may be the only copy; other dotfiles are never touched."""
+    capture = tmp_path / "capture"
+    (capture / "sub").mkdir(parents=True)
+    spool = Spool(tmp_path / "spool", 1 << 30, min_free_bytes=0)
+    evidence_id, orphan_id = "20260101T000000Z-" + "a" * 20, "20260101T000000Z-" + "b" * 20
+    evidence = capture / f".mediaseal-{evidence_id}.disposing"
+    orphan = capture / "sub" / f".mediaseal-{orphan_id}.disposing"
+    other = capture / ".mediaseal-not-an-id.disposing"
+    for p in (evidence, orphan, other):
+        p.write_bytes(b"plaintext")
+    kept = Manifest(recording_id=evidence_id, kind="call", repo_key="k", package_size=1, sha256=None, kid="k",
+                    source=str(capture / "lost.wav"), identity={}, dispose="delete")
+    (tmp_path / "spool" / "packages" / f"{evidence_id}.json").write_bytes(kept.to_json())
+    pending = spool.recover()
+    assert pending == [] and spool.load(evidence_id) is not None  # kept as evidence
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(Disposal([WatchConfig(path=capture)], spool, pool).recover(pending))
+    assert evidence.exists() and other.exists() and not orphan.exists()
