@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -89,6 +90,7 @@ class Disposal:
         self._retry: asyncio.TimerHandle | None = None  # armed while some disposal is failing
         self._under_way: dict[str, asyncio.Future[None]] = {}  # recording id -> its disposal
         self._reported: set[str] = set()  # failing disposals reported by this process (once each)
+        self._reported_lock = threading.Lock()  # attempts of one recording may overlap (a rescan, a retry)
 
     def start(self, m: Manifest) -> asyncio.Future[None]:
         """Dispose of `m`'s source in a worker thread; `settled(m.recording_id)` waits for it.
@@ -179,15 +181,18 @@ class Disposal:
             fields = {"recording_id": m.recording_id, "path": m.source, "dispose": m.dispose,
                       "reason": reason, "error": f"{e.strerror or e}: {e.filename or m.source}"}
             self._spool.record_dispose_failed(m, reason)  # writes nothing if remembered already
-            if m.recording_id not in self._reported:  # once per recording and start, not every retry
+            with self._reported_lock:
+                first = m.recording_id not in self._reported  # once per recording and start, not every retry
                 self._reported.add(m.recording_id)
+            if first:
                 metrics.DISPOSE_FAILURES.labels(reason).inc()
                 log.error("dispose-failed", extra={"fields": {**fields, "retry_in": self._retry_seconds}})
             else:
                 log.debug("dispose-retry-failed", extra={"fields": fields})
         else:
             self._spool.record_disposed(m.recording_id)  # no I/O unless it had failed before
-            self._reported.discard(m.recording_id)
+            with self._reported_lock:
+                self._reported.discard(m.recording_id)
         metrics.UNDISPOSED.set(self._spool.undisposed_count)
 
     def _arm_retry(self) -> None:

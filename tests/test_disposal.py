@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, decrypt_all, drop, make_keyring, spool_files
-from reliability_outages import METRICS_ENV, Scrape
+from reliability_outages import METRICS_ENV, Scrape, wait_metric
 
 from mediaseal.agent.config import WatchConfig
 from mediaseal.agent.disposal import Disposal
@@ -256,7 +256,7 @@ def test_undeletable_source_is_sealed_once_reported_and_disposed_once_allowed(se
     # The permission is fixed: the disposal completes by itself, with no restart.
     agent.wait_for("disposed", where=lambda d: d["path"].endswith("readonly.wav"), timeout=30)
     assert list(setup.capture().iterdir()) == []
-    assert Scrape.of(address).value("mediaseal_sources_undisposed") == 0
+    wait_metric(address, "mediaseal_sources_undisposed", 0)  # set just after the `disposed` line
     assert agent.stop() == 0
     assert decrypt_all(setup.repository, setup.keyring) == {"readonly.wav": [sha]}
     assert spool_files(setup.spool) == []
