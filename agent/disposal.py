@@ -139,9 +139,9 @@ class Disposal:
             except FileNotFoundError:
                 # Disposed already (before a crash) or removed by someone else. The marker normally went
                 # before the source; an agent before this one removed it after, so it may still be here.
-                _remove_marker(m)
-                log.info("disposed", extra={"fields": {"recording_id": m.recording_id, "path": m.source,
-                                                        "dispose": m.dispose, "replayed": True}})
+                # Logged at info only when something was left to do (a restart replays every manifest).
+                (log.info if _remove_marker(m) else log.debug)("disposed", extra={"fields": {
+                    "recording_id": m.recording_id, "path": m.source, "dispose": m.dispose, "replayed": True}})
                 return
             crash_point("after-dispose-rename")
         identity = m.source_identity
@@ -270,16 +270,18 @@ class Disposal:
                     "why": "its package was released (confirmed by the repository) before its disposal finished"}})
 
 
-def _remove_marker(m: Manifest) -> None:
-    """Remove `m`'s completion marker, if it has one still there, durably (its directory fsynced)."""
+def _remove_marker(m: Manifest) -> bool:
+    """Remove `m`'s completion marker, if it has one still there, durably (its directory fsynced).
+    Returns whether there was one."""
     if not m.marker:
-        return
+        return False
     marker = Path(m.marker)
     try:
         marker.unlink()
     except FileNotFoundError:
-        return
+        return False
     fsync_dir(marker.parent)
+    return True
 
 
 def _give_back(grabbed: Path, src: Path) -> None:
