@@ -2,9 +2,12 @@
 `os._exit` the n-th time (default first) it reaches that point, as abruptly as a SIGKILL would.
 
 Points: mid-encrypt, after-staging-fsync, after-commit, after-delivery, after-part-saved (an S3 multipart
-upload's state, with its completed parts, was just saved in the manifest), and the spool's own steps
-inside a transition (`buffer.spool.SpoolStep`, passed in as the spool's `on_step`): mid-commit (package
-renamed into place, manifest not yet written), mid-release (one of package and manifest removed).
+upload's state, with its completed parts, was just saved in the manifest), the spool's own steps inside
+a transition (`buffer.spool.SpoolStep`, passed in as the spool's `on_step`): mid-commit (package
+renamed into place, manifest not yet written), mid-release (one of package and manifest removed), and
+each step of a source's disposal (agent/disposal.py): after-dispose-rename (the source taken under its
+private `.disposing` name), after-dispose-marker (its completion marker removed), after-dispose-source
+(the source deleted or moved, directory fsynced).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 
 CRASH_EXIT = 86
 POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery", "after-part-saved",
-          "mid-commit", "mid-release")
+          "mid-commit", "mid-release", "after-dispose-rename", "after-dispose-marker", "after-dispose-source")
 
 _spec = os.environ.get("MEDIASEAL_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")

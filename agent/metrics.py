@@ -69,6 +69,14 @@ WATCH_UP = Gauge("mediaseal_watch_up", "1 when the capture directory is there, c
 REPOSITORY_UP = Gauge("mediaseal_repository_up",
                       "1 when the last repository probe succeeded (file://: a write test; S3: the bucket answers)",
                       registry=REGISTRY)
+# Sources the agent sealed but could not remove from the capture directory (agent/disposal.py): each
+# counted once, by reason; the gauge is how many still wait (plaintext left where the producer wrote it).
+DISPOSE_FAILURES = Counter("mediaseal_dispose_failures_total",
+                           "Sealed sources whose disposal failed (counted once per recording and start), by reason",
+                           ["reason"], registry=REGISTRY)
+UNDISPOSED = Gauge("mediaseal_sources_undisposed",
+                   "Sealed and delivered sources still in the capture directory, their disposal failing",
+                   registry=REGISTRY)
 SPOOL_CAPACITY = Gauge("mediaseal_spool_capacity_bytes", "The spool's configured capacity ([buffer] max_bytes)",
                        registry=REGISTRY)
 

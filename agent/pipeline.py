@@ -52,7 +52,7 @@ class Pipeline:
         space = asyncio.Condition()  # delivery made room in the spool: intake may go on
         self._executor = ThreadPoolExecutor(max_workers=config.agent.concurrency + config.repository.concurrency,
                                             thread_name_prefix="mediaseal")
-        self.disposal = Disposal(config.watch, spool, self._executor)
+        self.disposal = Disposal(config.watch, spool, self._executor, retry_seconds=config.agent.rescan_seconds)
         self.intake = Intake(config, spool, keys, self.disposal, self._executor, space,
                              deliver=self._uploads.put_nowait, chunk_size=chunk_size)
         self.delivery = Delivery(spool, repository, self.disposal, self._executor, space,
@@ -72,12 +72,11 @@ class Pipeline:
     async def recover(self) -> int:
         """Resume what a previous run left in the spool; returns how many packages await delivery."""
         pending = await self._thread(self.spool.recover)
+        # Before the first scan: whatever disposal a crash interrupted is finished, in every manifest
+        # state (a crash after VERIFIED leaves the source under its private name), and every failed one
+        # is retried. Idempotent: the source may be gone already.
+        await self.disposal.recover(pending)
         for rid in pending:
-            m = self.spool.load(rid)
-            if m is None:
-                continue
-            if m.state == SPOOLED:
-                await self._thread(self.disposal.dispose, m)  # idempotent: the source may be gone already
             self._uploads.put_nowait(rid)
         abort = getattr(self.repository, "abort_orphans", None)
         if abort is not None:  # multipart uploads a crash left behind (S3): ours are in the manifests

@@ -4,6 +4,9 @@
     <root>/packages/<id>.mseal       committed: fsynced, renamed into place, directory fsynced
     <root>/packages/<id>.json        its manifest: the recording's durable state (buffer/manifest.py)
     <root>/kept/<id>                 sources disposed with "keep": already done, don't encrypt again
+    <root>/undisposed/<id>.json      a source its disposal could not remove (permissions, a read-only
+                                     mount): a copy of its manifest, kept past `release` until the
+                                     disposal succeeds, so the source is neither sealed again nor forgotten
 
 >>> spool = Spool(root, max_bytes=10 << 30)
 >>> resume = spool.recover()                  # at start: drop staging leftovers, list what to deliver
@@ -15,6 +18,8 @@
 >>> spool.record_failure(m, "timeout")        # attempts and last error, for `mediaseal status`
 >>> spool.record_verified(m)                  # VERIFIED: the repository confirmed it
 >>> spool.release(m)                          # the spool copy goes
+>>> spool.record_dispose_failed(m, "permission-denied")  # the source stays: remembered, not re-sealed
+>>> spool.record_disposed(rid)                # ... until its disposal succeeds (no I/O if none failed)
 
 The spool owns the manifest's state machine: every transition above is a method here, refused with
 `TransitionError` (before anything is written) from a state it cannot come from, and written durably
@@ -26,12 +31,20 @@ raises `DurabilityError` (never retried); the agent stops on it with exit 3.
 where a crash leaves a half-done change for `recover` to finish or undo: "mid-commit" (the package
 renamed into place, its manifest not yet written) and "mid-release" (the first of package and manifest
 removed and fsynced, the second not yet).
+
+Undisposed records are the one piece of state that outlives a package's release, because the source
+it came from outlives it: the package leaves the spool as always (only after the repository confirmed
+it), and the record says "sealed, delivered, but its plaintext is still in the capture directory", so
+the next scan does not seal it again (`is_kept`) and the disposal is retried until it is done (at every
+start and periodically) instead of being forgotten. Recorded only on a failure: the hot path (commit,
+dispose, release) writes nothing more than before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -130,7 +143,8 @@ class Spool:
         self._staging = root / "staging"
         self._packages = root / "packages"
         self._kept = root / "kept"
-        for d in (root, self._staging, self._packages, self._kept):
+        self._undisposed_dir = root / "undisposed"
+        for d in (root, self._staging, self._packages, self._kept, self._undisposed_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         self._lock = threading.Lock()
@@ -138,6 +152,10 @@ class Spool:
         self._reserved = 0  # bytes set aside for recordings being sealed
         self._count = 0
         self._verified_unwritten: set[str] = set()  # VERIFIED in memory only (see record_verified)
+        # Recording ids with an undisposed record on disk (kept in memory: `record_disposed` is on the
+        # hot path and must cost nothing when no disposal ever failed).
+        self._undisposed = {e.name[: -len(".json")] for e in os.scandir(self._undisposed_dir)
+                            if e.name.endswith(".json") and not e.name.startswith(".")}
 
     # -- capacity --------------------------------------------------------------------------------
 
@@ -291,6 +309,32 @@ class Spool:
         os.close(fd)
         fsync_dir(self._kept)
 
+    def record_dispose_failed(self, manifest: Manifest, reason: str) -> bool:
+        """Remember, durably, that `manifest`'s source could not be disposed of (`reason`), so it is not
+        sealed again and its disposal is retried (`undisposed`) even once the package has been released.
+        Returns False (writing nothing) when it was remembered already."""
+        rid = manifest.recording_id
+        with self._lock:
+            if rid in self._undisposed:
+                return False
+        record = dataclasses.replace(manifest, last_error=f"dispose: {reason}")
+        with atomic_open(self._undisposed_dir / f"{rid}.json") as f:
+            f.write(record.to_json())
+        with self._lock:
+            self._undisposed.add(rid)
+        return True
+
+    def record_disposed(self, recording_id: str) -> None:
+        """The source's disposal succeeded: forget a failure recorded for it (no I/O if there was none)."""
+        with self._lock:
+            if recording_id not in self._undisposed:
+                return
+        with contextlib.suppress(FileNotFoundError):
+            (self._undisposed_dir / f"{recording_id}.json").unlink()
+        fsync_dir(self._undisposed_dir)
+        with self._lock:
+            self._undisposed.discard(recording_id)
+
     # -- reading ---------------------------------------------------------------------------------
 
     def package_path(self, recording_id: str) -> Path:
@@ -303,7 +347,27 @@ class Spool:
             return None
 
     def is_kept(self, recording_id: str) -> bool:
+        """Whether `recording_id`'s source is done with and must not be sealed again: disposed with
+        "keep", or awaiting a disposal that failed (`record_dispose_failed`)."""
+        with self._lock:
+            if recording_id in self._undisposed:
+                return True
         return (self._kept / recording_id).exists()
+
+    def undisposed(self) -> list[Manifest]:
+        """The recordings whose source a disposal could not remove yet (each a copy of its manifest)."""
+        with self._lock:
+            ids = sorted(self._undisposed)
+        out: list[Manifest] = []
+        for rid in ids:
+            with contextlib.suppress(FileNotFoundError):
+                out.append(Manifest.from_json((self._undisposed_dir / f"{rid}.json").read_bytes()))
+        return out
+
+    @property
+    def undisposed_count(self) -> int:
+        with self._lock:
+            return len(self._undisposed)
 
     def manifests(self) -> Iterator[Manifest]:
         for entry in os.scandir(self._packages):
@@ -323,7 +387,7 @@ class Spool:
             log.info("removing unfinished staging file", extra={"fields": {"file": entry.name}})
             os.unlink(entry.path)
         fsync_dir(self._staging)
-        for leftover in self._packages.glob(".*.tmp"):
+        for leftover in [*self._packages.glob(".*.tmp"), *self._undisposed_dir.glob(".*.tmp")]:
             leftover.unlink()
         pending: list[str] = []
         committed = count = 0

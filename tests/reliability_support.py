@@ -120,6 +120,20 @@ def drain_running(agent: Agent, setup: Setup, timeout: float = 180.0) -> None:
 # -- the checker ---------------------------------------------------------------------------------------------
 
 
+def capture_leftovers(setup: Setup) -> list[str]:
+    """What disposal may leave in a capture directory and must not after the drain: a private
+    `.mediaseal-<id>.disposing` name (the whole plaintext, ignored by every scan) or a completion
+    marker (it would make the next recording under its name look complete)."""
+    out: list[str] = []
+    for i, w in enumerate(setup.watches):
+        suffix = w.get("marker_suffix", ".done") if w.get("completion") == "marker" else None
+        if setup.capture(i).exists():
+            out += [str(p) for p in setup.capture(i).rglob("*") if not p.is_dir() and (
+                (p.name.startswith(".mediaseal-") and p.name.endswith(".disposing"))
+                or (suffix is not None and p.name.endswith(suffix)))]
+    return out
+
+
 @dataclass
 class Check:
     recordings: int
@@ -133,7 +147,7 @@ def check_filesystem(setup: Setup, ledger: Ledger) -> Check:
     got = decrypt_all(setup.repository, setup.keyring)  # original name -> SHA-256 of each package
     lost = [n for n, h in ledger.sha.items() if h not in got.get(n, [])]
     dup = [n for n, hs in got.items() if len(hs) > 1]
-    orphans = [str(p) for p in spool_files(setup.spool)]
+    orphans = [str(p) for p in spool_files(setup.spool)] + capture_leftovers(setup)
     orphans += [str(p) for p in setup.repository.rglob("*") if p.is_file() and
                 (p.name.startswith(".") or not p.name.endswith(".mseal"))]
     return Check(len(ledger.sha), lost, dup, scan_setup(setup), orphans)
@@ -163,6 +177,7 @@ def check_s3(setup: Setup, ledger: Ledger, endpoint: str, bucket: str) -> Check:
     dup = [n for n, hs in by_name.items() if len(hs) > 1] + [i for i, c in by_id.items() if c > 1]
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     orphans = [f"multipart {u['Key']} {u['UploadId']}" for u in uploads] + [str(p) for p in spool_files(setup.spool)]
+    orphans += capture_leftovers(setup)
     return Check(len(ledger.sha), lost, dup, plaintext + scan_setup(setup), orphans)
 
 
@@ -293,7 +308,9 @@ def render(elapsed: float) -> str:
         "into the capture directory, keeping their SHA-256 in a ledger. The agent runs as a real subprocess",
         "(`mediaseal run`) against the filesystem repository, or against S3 (moto on loopback behind the",
         "fault-injecting proxy of `tests/s3_support.py`). Each fault is real: a named crash point",
-        "(`MEDIASEAL_CRASH_AT`, an `os._exit` as abrupt as SIGKILL), a real SIGKILL/SIGTERM, refused, hung,",
+        "(`MEDIASEAL_CRASH_AT`, an `os._exit` as abrupt as SIGKILL; among them each step of a source's",
+        "disposal: its private rename, its marker removed, the source deleted), a real SIGKILL/SIGTERM",
+        "(also timed to land inside disposal), refused, hung,",
         "failed or reset connections, a full tmpfs, `EIO` injected into fsync by strace. After each scenario",
         "a final clean run drains everything; the checker then decrypts everything in the repository.",
         "",
@@ -302,8 +319,9 @@ def render(elapsed: float) -> str:
         "- **plaintext**: files outside the capture directory (spool, repository, the rest of the agent's",
         "  directory; on S3 also every object) containing the marker, scanned after each fault and after the",
         "  drain (must be 0).",
-        "- **orphans**: spool files (staging, packages, manifests), repository temp files, or S3 multipart",
-        "  uploads left after the drain (must be 0).",
+        "- **orphans**: spool files (staging, packages, manifests, undisposed records), repository temp",
+        "  files, S3 multipart uploads, or anything left in a capture directory (a completion marker, a",
+        "  private `.mediaseal-<id>.disposing` name) after the drain (must be 0).",
         "- **recover**: seconds from the restart (process start) to the agent's `ready` event; for outages",
         "  and a full disk, where the agent keeps running, from the fix to the first delivery; for file",
         "  races, from the race to the first delivery; for exports (repository column `export`), from the",

@@ -120,6 +120,72 @@ def test_fs_random_sigkills_under_load(tmp_path: Path, reliability_keyring: Path
     assert_zero(check)
 
 
+# -- disposal: a crash point at each step, and kills timed to land inside it (marker mode: the marker is
+# one of the things a crash could leave behind) ------------------------------------------------------------
+
+DISPOSAL_POINTS = ["after-dispose-rename", "after-dispose-marker", "after-dispose-source"]
+
+
+def marker_setup(root: Path, keyring: Path) -> Setup:
+    setup = new_setup(root, keyring)
+    setup.watches[0].update(completion="marker", marker_suffix=".done")
+    return setup
+
+
+def produce_marked(ledger: Ledger, directory: Path, prefix: str, sizes: list[int]) -> None:
+    """The ledger's producer, then each recording's `.done` marker (as a recorder's close hook would)."""
+    before = set(ledger.sha)
+    ledger.produce(directory, prefix, sizes)
+    for name in sorted(set(ledger.sha) - before):
+        (directory / f"{name}.done").touch()
+
+
+@pytest.mark.parametrize("point", DISPOSAL_POINTS)
+def test_fs_disposal_crash_points(tmp_path: Path, reliability_keyring: Path, point: str) -> None:
+    """After the drain no marker, no private `.disposing` name and no source is left (check_filesystem
+    counts any as an orphan), and no plaintext was ever outside the capture directory."""
+    setup = marker_setup(tmp_path, reliability_keyring)
+    ledger = Ledger(f"fs-{point}")
+    iterations = sized(2, 10)
+    recover, drain, leaked = [], [], []
+    for it in range(iterations):
+        produce_marked(ledger, setup.capture(), f"c{it}", [0, *SMALL])
+        crashed_run(setup, point, ledger.rng.randint(1, 3))
+        leaked += scan_setup(setup)
+        r = restart_and_drain(setup)
+        recover.append(r.recover)
+        drain.append(r.drain)
+    check = check_filesystem(setup, ledger)
+    check.plaintext += leaked
+    record(FS, f"crash at {point} (marker mode)", check, iterations, recover, drain)
+    assert_zero(check)
+
+
+def test_fs_random_sigkills_during_disposal(tmp_path: Path, reliability_keyring: Path) -> None:
+    """SIGKILL a few milliseconds after a commit, while that recording's disposal (rename, marker,
+    unlink of up to 8 MiB) is under way."""
+    setup = marker_setup(tmp_path, reliability_keyring)
+    ledger = Ledger("fs-dispose-kills")
+    kills = sized(6, 60)
+    rng = random.Random(2718)
+    recover, leaked = [], []
+    for it in range(kills):
+        produce_marked(ledger, setup.capture(), f"d{it}",
+                       [rng.choice([5000, 300_000, 2 * MiB, 8 * MiB]) for _ in range(3)])
+        t0 = time.monotonic()
+        agent = Agent(setup)
+        agent.wait_for("spooled", timeout=60)  # its disposal starts right after the commit
+        recover.append(time.monotonic() - t0)
+        time.sleep(rng.uniform(0, 0.02))  # the kill lands at a random instant of it
+        agent.kill()
+        leaked += scan_setup(setup)
+    r = restart_and_drain(setup, timeout=300)
+    check = check_filesystem(setup, ledger)
+    check.plaintext += leaked
+    record(FS, "random SIGKILL during disposal (marker mode)", check, kills, [*recover, r.recover], [r.drain])
+    assert_zero(check)
+
+
 @pytest.fixture
 def small_spool_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "spoolfs"
@@ -577,3 +643,6 @@ def test_checker_finds_planted_plaintext_and_orphans(tmp_path: Path, reliability
     (setup.spool / "staging" / "leak.part").write_bytes(next(iter(setup.capture().iterdir())).read_bytes()[5000:9000])
     check = check_filesystem(setup, ledger)
     assert len(check.plaintext) == 1 and len(check.orphans) == 1 and check.lost == ["x-00000.bin"]
+    # A private name left by an interrupted disposal is an orphan too.
+    (setup.capture() / ".mediaseal-20260101T000000Z-00000000000000000000.disposing").write_bytes(b"x")
+    assert len(check_filesystem(setup, ledger).orphans) == 2

@@ -455,3 +455,49 @@ class TestKnownErrors:
         assert doc["state"] == "uploading"
         back = Manifest.from_json(json.dumps({**doc, "from_a_newer_agent": 1}).encode())
         assert back == m and back.state is UPLOADING
+
+
+# -- undisposed records: a source its disposal could not remove outlives its package ----------------------
+
+
+def test_a_failed_disposal_is_remembered_past_release_and_across_reopen(tmp_path: Path) -> None:
+    """The package still leaves only after VERIFIED; the record stays until the disposal succeeds, so
+    the source is neither sealed again (`is_kept`) nor forgotten (`undisposed`), even after a restart."""
+    root = tmp_path / "spool"
+    spool = new_spool(root)
+    m = committed(spool, "r1", source_file(tmp_path, "r1"))
+    assert not spool.is_kept("r1") and spool.undisposed() == []
+    assert spool.record_dispose_failed(m, "permission-denied") is True
+    assert spool.record_dispose_failed(m, "permission-denied") is False  # remembered: nothing written
+    spool.record_verified(m)
+    spool.release(m)
+    assert spool.load("r1") is None and not spool.package_path("r1").exists()
+    again = new_spool(root)
+    assert again.recover() == []
+    assert again.is_kept("r1") and again.undisposed_count == 1
+    (held,) = again.undisposed()
+    assert (held.recording_id, held.source, held.identity) == (m.recording_id, m.source, m.identity)
+    assert held.last_error == "dispose: permission-denied"
+    assert oct((root / "undisposed" / "r1.json").stat().st_mode & 0o777) == "0o600"
+    again.record_disposed("r1")
+    assert not again.is_kept("r1") and again.undisposed() == [] and not (root / "undisposed" / "r1.json").exists()
+    assert new_spool(root).undisposed_count == 0
+
+
+def test_record_disposed_costs_nothing_when_no_disposal_failed(tmp_path: Path) -> None:
+    """The hot path calls it after every disposal: no file, no fsync, unless a failure was recorded."""
+    root = tmp_path / "spool"
+    spool = new_spool(root)
+    committed(spool, "r1")
+    before = os.stat(root / "undisposed").st_mtime_ns
+    spool.record_disposed("r1")
+    assert os.listdir(root / "undisposed") == [] and os.stat(root / "undisposed").st_mtime_ns == before
+
+
+def test_recover_removes_a_torn_undisposed_record_temp(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    new_spool(root)
+    (root / "undisposed" / ".r9.json.1234.tmp").write_bytes(b"{")
+    spool = new_spool(root)
+    spool.recover()
+    assert os.listdir(root / "undisposed") == [] and spool.undisposed_count == 0
