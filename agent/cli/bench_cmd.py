@@ -27,7 +27,7 @@ def register(sub: SubParsers) -> None:
                              " same run (interleaved rounds, medians). Writes only in a temporary directory under"
                              " --dir.")
     sp.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), metavar="DIR",
-                    help="the filesystem to measure (e.g. the spool's; default: the system temp dir)")
+                    help="the filesystem to measure (e.g. the spool's)")
     sp.add_argument("--size", type=argtypes.size, default="64MiB", metavar="SIZE",
                     help="size of the large recording (keep to 64-256MiB on throttled VMs)")
     sp.add_argument("--rounds", type=argtypes.positive, default=5, metavar="N", help="measured rounds")
