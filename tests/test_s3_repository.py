@@ -568,3 +568,24 @@ async def test_breaker_passes_the_probe_on_after_a_non_outage_outcome() -> None:
     async with breaker.attempt():
         pass
     assert breaker.state == "closed" and breaker.failures == 0 and breaker.probes == 3
+
+
+async def test_complete_refused_with_invalid_part_aborts_the_upload(moto_server: MotoServer, fault_proxy: FaultProxy,
+                                                                    s3_bucket: str, tmp_path: Path) -> None:
+    """Issue 14, observation 8: a Complete refused with InvalidPart started a new upload next time and left
+    the old one open (billed for its parts) until the next start's orphan sweep."""
+    path, data = package(tmp_path, 12 * MiB)
+    fault_proxy.fail(400, when=lambda r: r.op == "CompleteMultipartUpload", code="InvalidPart", times=1)
+    saved: list[dict[str, Any]] = []
+    repo = repo_at(fault_proxy.url, s3_bucket)
+    try:
+        with pytest.raises(TransientRepositoryError):
+            await repo.put(upload_of(path, data, saved=saved))
+        assert in_progress(moto_server, s3_bucket) == []  # aborted at once, not left for the next start
+        assert saved[-1] == {}  # and the next attempt starts over
+        receipt = await repo.put(upload_of(path, data, state=saved[-1]))
+    finally:
+        await repo.close()
+    assert receipt.sha256 == hashlib.sha256(data).hexdigest()
+    assert fault_proxy.count("CreateMultipartUpload") == 2 and in_progress(moto_server, s3_bucket) == []
+    assert stored(moto_server, s3_bucket, "site-a/call/2026/01/02/rec-1.mseal") == data

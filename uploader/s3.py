@@ -49,6 +49,7 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / profile `endpoint_url`; `profile` or th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import io
@@ -575,7 +576,11 @@ class _Multipart:
             await self._requests().complete([s3io.Part(p.number, p.etag, p.b64, p.size) for p in parts])
         except TransientRepositoryError as e:
             if e.code in ("InvalidPart", "InvalidPartOrder"):
-                await self._save({})  # a part the store no longer has: start over next time
+                # A part the store no longer has: the next attempt starts a new upload, so this one is
+                # aborted now (left open, its parts are billed until the next start's orphan sweep).
+                with contextlib.suppress(RepositoryError):
+                    await self._abort_quietly()
+                await self._save({})
                 raise
             if e.code != "NoSuchUpload":
                 raise
