@@ -215,7 +215,7 @@ def test_fs_disk_full(tmp_path: Path, reliability_keyring: Path, small_spool_fs:
         filler.write_bytes(b"\0" * (14 * MiB))  # another writer on the same disk: ~10 MiB left
         ledger.produce(setup.capture(), f"f{it}", [12 * MiB])
         (paused,) = agent.wait_for("intake-paused", timeout=60)
-        assert paused["reason"] == "spool full"
+        assert paused["reason"] == "spool filesystem full"
         filler.unlink()  # the fix: space comes back, intake resumes by itself
         t0 = time.monotonic()
         agent.wait_for("delivered", timeout=120)
