@@ -18,18 +18,15 @@ test with podman's own words.
 from __future__ import annotations
 
 import hashlib
-import queue
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
-from agent_harness import Agent
 from debian_root import CACHE, debian_root
+from support import process
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = Path(__file__).resolve().with_name("runc-no-rlimits")
@@ -105,23 +102,16 @@ def host_wheels(into: Path) -> Path:
     return into
 
 
-class ContainerAgent(Agent):
+class ContainerAgent(process.Child):
     """The agent inside a container, followed through `podman logs -f` (whose stderr is the agent's).
 
-    The harness's own event reading and `wait_for` apply unchanged; only the process differs: it is
-    podman's log stream, which ends when the container stops (so `wait_for` reports an exit as the
-    harness does), and stopping or killing it leaves the container alone (podman stop does that).
+    support.process.Child's event reading and `wait_for` apply unchanged; only the process differs: it
+    is podman's log stream, which ends when the container stops (so `wait_for` reports an exit as for
+    any child), and stopping or killing it leaves the container alone (podman stop does that).
     """
 
-    def __init__(self, container: str) -> None:  # not Agent.__init__: podman, not this test, runs the agent
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.lines: list[str] = []
-        self.env: dict[str, str] = {}
-        self.metrics_address = None
-        self.proc = subprocess.Popen(["podman", "logs", "--follow", container], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+    def __init__(self, container: str) -> None:
+        super().__init__(["podman", "logs", "--follow", container], name="the container's log")
 
     def tail(self, n: int = 20) -> str:
         return "\n".join(self.lines[-n:])
