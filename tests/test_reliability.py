@@ -80,12 +80,18 @@ def crashed_run(setup: Setup, point: str, nth: int) -> None:
 
 @pytest.mark.parametrize("point", ["mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery"])
 def test_fs_named_crash_points(tmp_path: Path, reliability_keyring: Path, point: str) -> None:
-    setup = new_setup(tmp_path, reliability_keyring)
     ledger = Ledger(f"fs-{point}")
+    crash_rows(new_setup(tmp_path, reliability_keyring), ledger, point, ledger.produce, f"crash at {point}")
+
+
+def crash_rows(setup: Setup, ledger: Ledger, point: str, produce: Callable[[Path, str, list[int]], None],
+               label: str) -> None:
+    """Crash at `point` again and again (produce, crash, check for plaintext, restart and drain), then
+    check the ledger and record the row."""
     iterations = sized(2, 10)
     recover, drain, leaked = [], [], []
     for it in range(iterations):
-        ledger.produce(setup.capture(), f"c{it}", [0, *SMALL])
+        produce(setup.capture(), f"c{it}", [0, *SMALL])
         crashed_run(setup, point, ledger.rng.randint(1, 3))
         leaked += scan_setup(setup)  # right after the crash: nothing in plaintext outside capture
         r = restart_and_drain(setup)
@@ -93,7 +99,7 @@ def test_fs_named_crash_points(tmp_path: Path, reliability_keyring: Path, point:
         drain.append(r.drain)
     check = check_filesystem(setup, ledger)
     check.plaintext += leaked
-    record(FS, f"crash at {point}", check, iterations, recover, drain)
+    record(FS, label, check, iterations, recover, drain)
     assert_zero(check)
 
 
@@ -144,21 +150,9 @@ def produce_marked(ledger: Ledger, directory: Path, prefix: str, sizes: list[int
 def test_fs_disposal_crash_points(tmp_path: Path, reliability_keyring: Path, point: str) -> None:
     """After the drain no marker, no private `.disposing` name and no source is left (check_filesystem
     counts any as an orphan), and no plaintext was ever outside the capture directory."""
-    setup = marker_setup(tmp_path, reliability_keyring)
     ledger = Ledger(f"fs-{point}")
-    iterations = sized(2, 10)
-    recover, drain, leaked = [], [], []
-    for it in range(iterations):
-        produce_marked(ledger, setup.capture(), f"c{it}", [0, *SMALL])
-        crashed_run(setup, point, ledger.rng.randint(1, 3))
-        leaked += scan_setup(setup)
-        r = restart_and_drain(setup)
-        recover.append(r.recover)
-        drain.append(r.drain)
-    check = check_filesystem(setup, ledger)
-    check.plaintext += leaked
-    record(FS, f"crash at {point} (marker mode)", check, iterations, recover, drain)
-    assert_zero(check)
+    crash_rows(marker_setup(tmp_path, reliability_keyring), ledger, point,
+               lambda d, prefix, sizes: produce_marked(ledger, d, prefix, sizes), f"crash at {point} (marker mode)")
 
 
 def test_fs_random_sigkills_during_disposal(tmp_path: Path, reliability_keyring: Path) -> None:
