@@ -8,51 +8,37 @@ result also a gauge) and by `mediaseal config check`. Readiness tells the truth 
 an agent watching a missing directory, or delivering to a bucket that does not exist, seals nothing
 or delivers nothing, so it is not ready even though the process is fine.
 
-The repository protocol has no probe of its own yet, so it is made of the public methods there are:
-- file://: the root is a directory and an unnamed (O_TMPFILE) file can be written in it: proves the
-  mount is there and writable, and leaves nothing behind;
-- S3: `abort_orphans((), initiated_before=<the epoch>)`, a ListMultipartUploads of the prefix that by
-  construction aborts nothing (every upload was initiated after 1970): it answers only if the bucket
-  exists, the credentials are accepted and the endpoint is reachable; NoSuchBucket, AccessDenied and
-  connection errors come back as RepositoryError. (It needs s3:ListBucketMultipartUploads, which the
-  start-up clean-up needs anyway.) A `probe()` on the Repository protocol should replace this.
+The repository answers through its own `probe()` (the Repository protocol, uploader/base.py): file://
+checks that the root is a directory that takes a write (a temporary file, gone at once); S3 sends one
+ListMultipartUploads of the prefix, which answers only if the bucket exists, the credentials are
+accepted and the endpoint is reachable (it needs s3:ListBucketMultipartUploads, which the start-up
+orphan sweep needs anyway); NoSuchBucket, AccessDenied and connection errors come back as
+RepositoryError naming them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import stat
-import tempfile
-from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
-from mediaseal.uploader import FilesystemRepository, Repository, RepositoryError
+from mediaseal.uploader import Repository, RepositoryError
 
 if TYPE_CHECKING:
     from mediaseal.agent.config import WatchConfig
 
-__all__ = ["PROBE_SECONDS", "Check", "probe_directory", "probe_repository", "probe_watch"]
+__all__ = ["PROBE_SECONDS", "Check", "probe_repository", "probe_watch"]
 
 PROBE_SECONDS = 10.0  # how often the health listener probes the watches and the repository
 PROBE_TIMEOUT = 30.0  # a repository that does not answer within this is not ready
-_EPOCH = dt.datetime(1970, 1, 2, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
 class Check:
     ok: bool
     detail: str = ""
-
-
-@runtime_checkable
-class _ListsUploads(Protocol):
-    """What the S3 repository offers that answers only when the bucket is there and we may use it."""
-
-    async def abort_orphans(self, known_upload_ids: Collection[str], *,
-                            initiated_before: dt.datetime | None = None) -> list[str]: ...
 
 
 def probe_watch(watch: WatchConfig, *, need_write: bool = False) -> Check:
@@ -78,30 +64,11 @@ def probe_watch(watch: WatchConfig, *, need_write: bool = False) -> Check:
 
 
 async def probe_repository(repository: Repository) -> Check:
-    """Whether the repository takes packages now (see the module docstring for how it is asked)."""
-    if isinstance(repository, FilesystemRepository):
-        return await asyncio.to_thread(probe_directory, repository)
-    if isinstance(repository, _ListsUploads):
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                await repository.abort_orphans((), initiated_before=_EPOCH)
-        except TimeoutError:
-            return Check(False, f"no answer within {PROBE_TIMEOUT:.0f} s")
-        except RepositoryError as e:
-            return Check(False, str(e))
-        return Check(True, "the bucket answers")
-    return Check(True, "not probed (this repository has no probe)")
-
-
-def probe_directory(repository: FilesystemRepository) -> Check:
-    """A file:// repository's root is a directory that takes a write (blocking)."""
-    root = repository.root
-    if not root.is_dir():
-        return Check(False, f"{root} is not there (not mounted?)")
+    """Whether the repository takes packages now: its own `probe()` (Repository protocol), bounded."""
     try:
-        with tempfile.TemporaryFile(dir=root) as f:
-            f.write(b"\0")
-            f.flush()
-    except OSError as e:
-        return Check(False, f"{root} does not take writes: {e.strerror or e}")
-    return Check(True, str(root))
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            return Check(True, await repository.probe())
+    except TimeoutError:
+        return Check(False, f"no answer within {PROBE_TIMEOUT:.0f} s")
+    except RepositoryError as e:
+        return Check(False, str(e))

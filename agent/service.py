@@ -40,11 +40,10 @@ from prometheus_client.exposition import choose_encoder
 from mediaseal.agent import metrics
 from mediaseal.agent.ownership import OwnedError, Ownership
 from mediaseal.agent.pipeline import DeliveryHealth
-from mediaseal.agent.readiness import PROBE_SECONDS, Check, probe_directory, probe_repository, probe_watch
+from mediaseal.agent.readiness import PROBE_SECONDS, Check, probe_repository, probe_watch
 from mediaseal.agent.status import ManifestCache, SpoolReport, read_spool
 from mediaseal.plumbing.http import ListenSite, app_runner, json_response
 from mediaseal.plumbing.notify import Notifier, watchdog_pings, watchdog_seconds
-from mediaseal.uploader import FilesystemRepository
 
 if TYPE_CHECKING:
     from mediaseal.agent.config import Config
@@ -315,12 +314,7 @@ class AgentService:
 
     def _repository_check(self) -> Check:
         assert self.pipeline is not None
-        repo = self.pipeline.repository
-        if isinstance(repo, FilesystemRepository):  # cheap enough to ask live, at every /readyz
-            live = probe_directory(repo)
-            if not live.ok:
-                return live
-        elif self._repo_check is not None and not self._repo_check.ok:
+        if self._repo_check is not None and not self._repo_check.ok:
             return self._repo_check
         health = self._health
         if health.last_error is not None:

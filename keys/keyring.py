@@ -534,9 +534,9 @@ class KeyringUnwrapper:
     def __init__(self, keyring: Keyring, protector: Protector) -> None:
         self._keyring = keyring
         self._protector = protector
-        # A protector with a `cache_seconds` (KMS) bounds how long an opened key stays here; then it
-        # is opened again, so revoking the protector's access takes effect within that time.
-        ttl = getattr(protector, "cache_seconds", None)
+        # A protector's `cache_seconds` (KMS) bounds how long an opened key stays here; then it is
+        # opened again, so revoking the protector's access takes effect within that time.
+        ttl = protector.cache_seconds
         self._ttl: float | None = float(ttl) if ttl is not None else None
         self._keys: dict[str, tuple[rsa.RSAPrivateKey, float]] = {}  # kid -> (key, monotonic time opened)
 

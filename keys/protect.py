@@ -58,6 +58,12 @@ class Protector(Protocol):
         """Return the plaintext of an envelope made by `seal` with the same `aad`."""
         ...
 
+    @property
+    def cache_seconds(self) -> float | None:
+        """How long a key opened through this protector may stay in memory before it is opened again
+        (KMS: so revoking access takes effect within it); None: for as long as the unwrapper lives."""
+        ...
+
 
 class PassphraseProtector:
     """scrypt (N=2**15, r=8, p=1, random 16-byte salt per envelope) -> AES-256-GCM (random nonce)."""
@@ -80,6 +86,8 @@ class PassphraseProtector:
             "kdf": SCRYPT, "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": b64url_encode(salt),
             "cipher": CIPHER, "nonce": b64url_encode(nonce), "ct": b64url_encode(ct),
         }
+
+    cache_seconds: float | None = None  # opened keys stay for as long as the unwrapper lives
 
     def open(self, envelope: Mapping[str, Any], aad: bytes) -> bytes:
         _check_kind(envelope, SCRYPT)
@@ -114,6 +122,8 @@ class MasterKeyProtector:
             "kdf": HKDF_SHA256, "salt": b64url_encode(salt),
             "cipher": CIPHER, "nonce": b64url_encode(nonce), "ct": b64url_encode(ct),
         }
+
+    cache_seconds: float | None = None  # opened keys stay for as long as the unwrapper lives
 
     def open(self, envelope: Mapping[str, Any], aad: bytes) -> bytes:
         _check_kind(envelope, HKDF_SHA256)

@@ -127,6 +127,11 @@ class Repository(Protocol):
         """Whether delivering the spool file `path` needs its SHA-256 (False: confirmed by identity)."""
         ...
 
+    async def probe(self) -> str:
+        """Whether the repository takes packages now, without writing one: a short description of what
+        answered, or RepositoryError naming why not (readiness asks this at start and periodically)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -22,6 +22,7 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +72,22 @@ class FilesystemRepository:
 
     async def put(self, upload: Upload) -> Receipt:
         return await asyncio.to_thread(self._put, upload)
+
+    async def probe(self) -> str:
+        """The root is a directory that takes a write (a temporary file, gone at once)."""
+        return await asyncio.to_thread(self.probe_now)
+
+    def probe_now(self) -> str:
+        """`probe`, blocking (cheap enough for every /readyz)."""
+        if not self.root.is_dir():
+            raise PermanentRepositoryError(f"{self.root} is not there (not mounted?)")
+        try:
+            with tempfile.TemporaryFile(dir=self.root) as f:
+                f.write(b"\0")
+                f.flush()
+        except OSError as e:
+            raise PermanentRepositoryError(f"{self.root} does not take writes: {e.strerror or e}") from None
+        return str(self.root)
 
     async def close(self) -> None:
         return None

@@ -234,6 +234,17 @@ class S3Repository:
     async def close(self) -> None:
         await self._client.close()
 
+    async def probe(self) -> str:
+        """One ListMultipartUploads under the prefix (a permission the start-up orphan sweep needs anyway;
+        HeadBucket would need s3:ListBucket and answers a missing bucket with a bare 404): NoSuchBucket,
+        AccessDenied and connection failures come back as RepositoryError naming them. Aborts nothing."""
+        client = await self._get_client()
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "MaxUploads": 1}
+        if self.prefix:
+            kwargs["Prefix"] = self.prefix + "/"
+        await self._call("ListMultipartUploads", self.url, client.list_multipart_uploads(**kwargs))
+        return "the bucket answers"
+
     # -- start-up housekeeping ----------------------------------------------------------------------
 
     async def abort_orphans(self, known_upload_ids: Collection[str], *,
