@@ -246,8 +246,11 @@ def sealing_race(race: Race, agent: Agent, name: str, act: Callable[[Path, bytes
         except FileNotFoundError:  # sealed and disposed already: the race missed by a mile
             final = None
         # Landed before the agent's open: `vanished` (deleted), `skipped` (ELOOP: replaced by a symlink,
-        # which the no-follow open refused), `redo` (changed: its identity no longer matches).
-        hit = first_of(agent, ("redo", "spooled", "seal-failed", "skipped", "vanished"), path) != "spooled"
+        # which the no-follow open refused), `redo` (changed: its identity no longer matches), `still-open`
+        # (the act held the file open for writing when the seal checked: issue 14's open-writer check
+        # refuses to seal it then, so only what the file holds afterwards is delivered).
+        outcomes = ("redo", "spooled", "seal-failed", "skipped", "vanished", "still-open")
+        hit = first_of(agent, outcomes, path) != "spooled"
         landed += hit
         if not hit:
             size = min(2 * size, 4 * BIG)
