@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, decrypt_all, make_keyring
+from support.mounts import TmpfsUnavailable, tmpfs
 from test_service import get, metrics_env, sample
 
 from mediaseal.buffer.spool import Manifest, Spool
@@ -32,16 +33,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fallocate") i
 
 @pytest.fixture
 def small_spool(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "spoolfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES},mode=0700", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with tmpfs(tmp_path / "spoolfs", TMPFS_BYTES) as mnt:
+            yield mnt
+    except TmpfsUnavailable as e:
+        pytest.skip(str(e))
 
 
 def fill(fs: Path) -> list[Path]:

@@ -6,28 +6,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, decrypt_all, drop, spool_files
+from support.mounts import TmpfsUnavailable, tmpfs
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def small_spool_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "spoolfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}): needs root")
     try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with tmpfs(tmp_path / "spoolfs", 24 * MiB) as mnt:
+            yield mnt
+    except TmpfsUnavailable as e:
+        pytest.skip(str(e))
 
 
 def test_full_spool_filesystem_pauses_intake_and_loses_nothing(setup: Setup, small_spool_fs: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +45,7 @@ from reliability_support import (
     skipped,
 )
 from s3_support import Rule, boto3_client
+from support.mounts import TmpfsUnavailable, tmpfs
 
 from mediaseal.keys.keyring import Keyring
 
@@ -182,18 +182,12 @@ def test_fs_random_sigkills_during_disposal(tmp_path: Path, reliability_keyring:
 
 @pytest.fixture
 def small_spool_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "spoolfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, check=False)
-    if r.returncode != 0:
-        reason = f"cannot mount a tmpfs here ({r.stderr.decode().strip()}): needs root"
-        skipped(FS, "disk full (spool tmpfs)", reason)
-        pytest.skip(reason)
     try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with tmpfs(tmp_path / "spoolfs", 24 * MiB) as mnt:
+            yield mnt
+    except TmpfsUnavailable as e:
+        skipped(FS, "disk full (spool tmpfs)", str(e))
+        pytest.skip(str(e))
 
 
 def test_fs_disk_full(tmp_path: Path, reliability_keyring: Path, small_spool_fs: Path) -> None:
