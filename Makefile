@@ -83,7 +83,8 @@ bench-peers: install  ## mediaseal vs age CLI, pyrage, tink-py, AWS Encryption S
 	$(PY) -m pytest benchmarks/test_peers.py -q --benchmark-enable --benchmark-only -p no:cacheprovider -s -rs
 
 soak: install  ## the long crash/fault loops
-	MEDIASEAL_SOAK=1 MEDIASEAL_RELIABILITY_REPORT=1 $(PY) -m pytest -q -rxs tests/test_reliability*.py tests/test_codec_fuzz.py
+	MEDIASEAL_SOAK=1 MEDIASEAL_RELIABILITY_REPORT=1 $(PY) -m pytest -q -rxs tests/test_reliability*.py tests/test_codec_fuzz.py \
+	  tests/test_producers.py tests/test_ownership.py tests/test_enospc.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

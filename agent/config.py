@@ -74,6 +74,9 @@ class WatchConfig:
     content_type: str | None = None  # None: guessed from the extension, else application/octet-stream
     marker: str | None = None  # template, e.g. "{dir}/../metadata/{stem}.txt"; None: "{path}" + marker_suffix
     temp_patterns: tuple[str, ...] = TEMP_PATTERNS  # fnmatch on names (files and directories): never candidates
+    # Templates like `marker` for files carried with the recording, each as its own package linked by
+    # id (`<recording id>.sidecar<n>`), e.g. ("{dir}/{stem}.xml",). Never sealed on their own.
+    sidecars: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,13 @@ class _Builder:
                       "\"{dir}/../metadata/{stem}.txt\" (fields: " + ", ".join(MARKER_FIELDS) + ")")
             self.rule(f"{at}.marker", w.marker is None or w.completion == "marker",
                       'only used with completion = "marker"')
+            marker = (w.marker or "{path}" + w.marker_suffix) if w.completion == "marker" else None
+            for n, template in enumerate(w.sidecars):
+                self.rule(f"{at}.sidecars[{n}]", _marker_template(template) and template != marker,
+                          "must be a path template naming the recording, e.g. \"{dir}/{stem}.xml\" (fields: "
+                          + ", ".join(MARKER_FIELDS) + ")")
+            self.rule(f"{at}.sidecars", len(set(w.sidecars)) == len(w.sidecars) and len(w.sidecars) <= 8,
+                      "at most 8, each once")
             self.choice(f"{at}.dispose", w.dispose, DISPOSE_MODES)
             if w.dispose == "move":
                 self.rule(f"{at}.move_to", w.move_to is not None, 'required with dispose = "move"')

@@ -7,7 +7,8 @@ a transition (`buffer.spool.SpoolStep`, passed in as the spool's `on_step`): mid
 renamed into place, manifest not yet written), mid-release (one of package and manifest removed), and
 each step of a source's disposal (agent/disposal.py): after-dispose-rename (the source taken under its
 private `.disposing` name), after-dispose-marker (its completion marker removed), after-dispose-source
-(the source deleted or moved, directory fsynced).
+(the source deleted or moved, directory fsynced), and after-sidecar-commit (a recording's sidecars
+committed, the recording itself not yet: agent/intake.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import threading
 
 CRASH_EXIT = 86
 POINTS = ("mid-encrypt", "after-staging-fsync", "after-commit", "after-delivery", "after-part-saved",
-          "mid-commit", "mid-release", "after-dispose-rename", "after-dispose-marker", "after-dispose-source")
+          "mid-commit", "mid-release", "after-dispose-rename", "after-dispose-marker", "after-dispose-source",
+          "after-sidecar-commit")
 
 _spec = os.environ.get("MEDIASEAL_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")

@@ -64,7 +64,7 @@ DISPOSE_FAILURE_REASONS: tuple[DisposeFailure, ...] = get_args(DisposeFailure)
 for _reason in DISPOSE_FAILURE_REASONS:  # at zero from the start, so increase() sees the first failure
     metrics.DISPOSE_FAILURES.labels(_reason)
 
-_PRIVATE = re.compile(r"\.mediaseal-(?P<rid>[0-9]{8}T[0-9]{6}Z-[0-9a-f]{20})\.disposing")
+_PRIVATE = re.compile(r"\.mediaseal-(?P<rid>[0-9]{8}T[0-9]{6}Z-[0-9a-f]{20}(?:\.sidecar[1-8])?)\.disposing")
 
 
 def failure_reason(e: OSError) -> DisposeFailure:
@@ -93,12 +93,21 @@ class Disposal:
         self._reported: set[str] = set()  # failing disposals reported by this process (once each)
         self._reported_lock = threading.Lock()  # attempts of one recording may overlap (a rescan, a retry)
 
-    def start(self, m: Manifest) -> asyncio.Future[None]:
-        """Dispose of `m`'s source in a worker thread; `settled(m.recording_id)` waits for it.
+    def start(self, m: Manifest, after: Sequence[asyncio.Future[None]] = ()) -> asyncio.Future[None]:
+        """Dispose of `m`'s source in a worker thread, once the disposals `after` are done (a recording's
+        sidecars go before it); `settled(m.recording_id)` waits for it from now on.
         The future fails only on DurabilityError (the agent stops); a source that cannot be disposed
         of is remembered and retried (see the module docstring)."""
         rid = m.recording_id
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._attempt, m)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None]
+        if after:
+            async def chained() -> None:
+                await asyncio.gather(*after)
+                await loop.run_in_executor(self._executor, self._attempt, m)
+            fut = asyncio.ensure_future(chained())
+        else:
+            fut = loop.run_in_executor(self._executor, self._attempt, m)
         self._under_way[rid] = fut
 
         def finished(_f: asyncio.Future[None]) -> None:

@@ -31,10 +31,12 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from mediaseal.agent.config import Config, WatchConfig, content_type_for, unsafe
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.keysource import PublicKeys
-from mediaseal.agent.watcher import Candidate
+from mediaseal.agent.watcher import Candidate, sidecars_for
 from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd, probe
 from mediaseal.buffer.manifest import DisposeMode, Manifest, SourceIdentity
 from mediaseal.buffer.spool import Reservation, Spool, SpoolFullError
@@ -171,7 +173,7 @@ class Intake:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            m = await loop.run_in_executor(self._executor, self._seal, cand, rid, recipient, reservation)
+            sealed = await loop.run_in_executor(self._executor, self._seal, cand, rid, recipient, reservation)
         except SpoolFullError as e:
             metrics.FAILED.labels("intake", "spool-full").inc()
             await self._wait_for_room(str(e), need, stop)
@@ -209,12 +211,17 @@ class Intake:
             metrics.SPOOL_PACKAGES.set(self.spool.package_count)
         metrics.ENCRYPTED.labels(w.kind).inc()
         metrics.ENCRYPT_SECONDS.observe(time.monotonic() - started)
-        log.info("spooled", extra={"fields": {**fields, "bytes": cand.identity.size, "kid": m.kid}})
+        log.info("spooled", extra={"fields": {**fields, "bytes": cand.identity.size, "kid": sealed[-1].kid}})
         crash_point("after-commit")
         # Delivery goes ahead while the source is disposed (see the module docstring); the disposal is
         # registered first, so the delivery's release waits for it.
-        disposed = self._disposal.start(m)
-        self._deliver(rid)
+        # The sidecars' disposal before the recording's: while the recording is still there, no scan takes
+        # a sidecar for an orphan (agent/watcher.py `has_recording`).
+        *sidecars, recording = sealed
+        first = [self._disposal.start(m) for m in sidecars]
+        disposed = self._disposal.start(recording, after=first)
+        for m in sealed:
+            self._deliver(m.recording_id)
         await disposed
         return True
 
@@ -261,47 +268,94 @@ class Intake:
             metrics.INTAKE_PAUSED.set(0)
             log.info("intake-resumed")
 
-    def _seal(self, cand: Candidate, rid: str, recipient: codec.Recipient, reservation: Reservation) -> Manifest:
-        """Seal one source into the spool and commit it (worker thread)."""
+    def _seal(self, cand: Candidate, rid: str, recipient: codec.Recipient,
+              reservation: Reservation) -> list[Manifest]:
+        """Seal one source, and its sidecars, into the spool and commit them (worker thread). Returns the
+        manifests, the recording's last.
+
+        Everything is staged before anything is committed (a source that changed under its sealing leaves
+        nothing behind), and the sidecars are committed before the recording: the recording's disposal
+        (which removes its marker) may then rely on them being durable. A crash between the two commits
+        seals the recording again under the same id and finds its sidecars committed already."""
         w = cand.watch
-        fd = os.open(cand.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never through a symlink
+        captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        staged: list[_Staged] = []
+        try:
+            staged.append(self._stage(w, cand.path, rid, captured, recipient, reservation, cand.identity))
+            for n, path in enumerate(sidecars_for(w, cand.path), 1):
+                sid = f"{rid}.sidecar{n}"
+                if self.spool.load(sid) is not None or self.spool.is_kept(sid):
+                    continue  # committed before a crash
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue  # this recording has none
+                if not stat.S_ISREG(st.st_mode):
+                    log.warning("skipped", extra={"fields": {"recording_id": rid, "path": str(path),
+                                                             "reason": "sidecar is not a regular file"}})
+                    continue
+                need = package_estimate(st.st_size, self.chunk_size)
+                room = self.spool.reserve(need)
+                if room is None:
+                    raise SpoolFullError(f"no room in the spool for the sidecar {path} ({need} bytes)")
+                staged.append(self._stage(w, path, sid, captured, recipient, room, SourceIdentity.of(st)))
+            sidecars, main = staged[1:], staged[0]
+            committed = [self._commit(s, w, rid, None) for s in sidecars]
+            if committed:
+                crash_point("after-sidecar-commit")
+            return [*committed, self._commit(main, w, rid, cand.marker)]
+        finally:
+            for s in staged:
+                if s.reservation is not reservation:
+                    self.spool.cancel(s.reservation)
+                with contextlib.suppress(FileNotFoundError):
+                    s.path.unlink()  # staged, never committed
+
+    def _stage(self, w: WatchConfig, path: Path, rid: str, captured: str, recipient: codec.Recipient,
+               reservation: Reservation, identity: SourceIdentity) -> _Staged:
+        """Seal `path` (as last seen: `identity`) into a staging file; raises SourceChangedError or
+        SourceOpenError where it is not that file, complete, any more."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never through a symlink
         with open(fd, "rb", buffering=0) as src:
             sealed_from = SourceIdentity.of(os.fstat(fd))
-            if not sealed_from.same_file(cand.identity):
+            if not sealed_from.same_file(identity):
                 raise SourceChangedError
             if open_writers_fd(fd) is Writers.OPEN:  # the watcher asked too, but a writer may have come back
                 raise SourceOpenError
-            captured = dt.datetime.fromtimestamp(cand.identity.mtime_ns / 1e9, dt.UTC)
             metadata = codec.Metadata(
-                recording_id=rid, kind=w.kind, content_type=content_type_for(cand.path.name, w.content_type),
-                original_name=display_name(cand.path.name), captured_at=captured.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                recording_id=rid, kind=w.kind, content_type=content_type_for(path.name, w.content_type),
+                original_name=display_name(path.name), captured_at=captured,
                 agent_id=self.config.agent.id[:4096],
             )
             header, keys = codec.new_package(metadata, [recipient], self.chunk_size)
             with self.spool.staging(rid) as (staged, staged_path):
                 # No digest here: SHA-256 is slower than the encryption and the copy together, and a
                 # same-filesystem repository confirms by identity; delivery hashes when it is needed.
-                result = codec.seal(_Source(src, self._cancel), staged, header, keys,
-                                    size_hint=cand.identity.size)
+                result = codec.seal(_Source(src, self._cancel), staged, header, keys, size_hint=identity.size)
             crash_point("after-staging-fsync")
             # The identity is checked again now that every byte has been read: a file rewritten or
             # appended to during sealing gives a package of neither version, so it is redone.
-            after = SourceIdentity.of_path(cand.path)
-            if not sealed_from.same_file(after) or result.plaintext_size != cand.identity.size:
+            after = SourceIdentity.of_path(path)
+            if not sealed_from.same_file(after) or result.plaintext_size != identity.size:
                 staged_path.unlink()
                 raise SourceChangedError
         metrics.BYTES_IN.inc(result.plaintext_size)
-        ident = cand.identity
-        manifest = Manifest(
-            recording_id=rid, kind=w.kind,
-            repo_key=repository_key(w.kind, metadata.captured_at, rid),
-            package_size=result.package_size, sha256=None, kid=recipient.kid, source=str(cand.path),
-            identity=ident.to_dict(),
-            dispose=self._dispose_mode(w), move_to=str(w.move_to) if w.move_to else None,
-            marker=str(cand.marker) if cand.marker else None, created_at=time.time(),
-        )
-        return self.spool.commit(staged_path, manifest, reservation)
+        return _Staged(rid, path, identity, staged_path, result.package_size, recipient.kid, metadata.captured_at,
+                       reservation)
 
+    def _commit(self, s: _Staged, w: WatchConfig, rid: str, marker: Path | None) -> Manifest:
+        manifest = Manifest(
+            recording_id=s.rid, kind=w.kind, repo_key=repository_key(w.kind, s.captured_at, s.rid),
+            package_size=s.package_size, sha256=None, kid=s.kid, source=str(s.source),
+            identity=s.identity.to_dict(),
+            dispose=self._dispose_mode(w), move_to=str(w.move_to) if w.move_to else None,
+            marker=str(marker) if marker else None, created_at=time.time(),
+        )
+        m = self.spool.commit(s.path, manifest, s.reservation)
+        if s.rid != rid:
+            log.info("sidecar-spooled", extra={"fields": {"recording_id": rid, "sidecar_id": s.rid,
+                                                          "path": str(s.source)}})
+        return m
 
     def _dispose_mode(self, w: WatchConfig) -> DisposeMode:
         """The watch's disposal, or "keep" where deleting would rest on an open-writer check that cannot be
@@ -328,6 +382,20 @@ def _has_room(spool: Spool, need: int) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize >= need + spool.min_free_bytes
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A sealed staging file, not committed yet."""
+
+    rid: str
+    source: Path
+    identity: SourceIdentity
+    path: Path
+    package_size: int
+    kid: str
+    captured_at: str
+    reservation: Reservation
 
 
 class _Source:

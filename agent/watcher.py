@@ -18,8 +18,9 @@ a temp name is complete; `marker`: complete once its marker exists (`marker`, a 
 In every mode a file still open for writing is not complete (invariant 8): it stays pending and is
 looked at again on its close event or every second. Temp names (`temp_patterns` per watch, by
 default `.*`, `*.part`, `*.tmp`, `*~`, matched against file and directory names, so anything in a
-dot-directory too) and names not matching `pattern` are never candidates. Symlinks are never followed
-(a configured capture directory may itself be one), other
+dot-directory too) and names not matching `pattern` are never candidates, nor are sidecars (`sidecars`
+templates that put them beside their recording: `is_sidecar_name`), which are sealed with their
+recording. Symlinks are never followed (a configured capture directory may itself be one), other
 watches' directories and `move_to` directories are never entered.
 
 A complete file may be emitted again by a later scan while it is still there and not `is_busy`:
@@ -35,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import stat
+import string
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +57,7 @@ from mediaseal.agent.metrics import RESCANS, UNREADABLE
 from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd
 from mediaseal.buffer.manifest import SourceIdentity
 
-__all__ = ["Candidate", "Watcher", "is_temp_name", "marker_for"]
+__all__ = ["Candidate", "Watcher", "has_recording", "is_sidecar_name", "is_temp_name", "marker_for", "sidecars_for"]
 
 log = logging.getLogger("mediaseal.watcher")
 
@@ -90,7 +93,89 @@ def marker_for(watch: WatchConfig, path: Path) -> Path:
     """The marker whose existence completes `path` (completion = "marker")."""
     if watch.marker is None:
         return path.with_name(path.name + watch.marker_suffix)
-    text = watch.marker.format(path=path, dir=path.parent, name=path.name, stem=path.stem)
+    return _render(watch.marker, path)
+
+
+def sidecars_for(watch: WatchConfig, path: Path) -> list[Path]:
+    """The sidecar files `path` carries (`sidecars`, templates like `marker`), in template order."""
+    return [_render(t, path) for t in watch.sidecars]
+
+
+def is_sidecar_name(watch: WatchConfig, name: str) -> bool:
+    """Whether `name`, in a directory of this watch, is some recording's sidecar by a template that puts it
+    beside its recording ("{dir}/{stem}.xml", "{path}.meta"). (A template into another directory should
+    point outside the watch: docs/OPERATIONS.md.)"""
+    return any(fnmatchcase(name, glob) for glob, *_ in _beside(watch.sidecars))
+
+
+def has_recording(watch: WatchConfig, path: Path) -> bool:
+    """Whether the sidecar `path` has its recording beside it. While it has, the sidecar is sealed with it,
+    never on its own; one whose recording is gone (written after its recording was sealed, say) is an
+    orphan, sealed as a recording of its own rather than left in plaintext."""
+    name = path.name
+    for glob, prefix, field, suffix in _beside(watch.sidecars):
+        if not fnmatchcase(name, glob):
+            continue
+        core = name[len(prefix):len(name) - len(suffix)]
+        if field == "name":
+            if core != name and os.path.isfile(path.with_name(core)):
+                return True
+            continue
+        try:
+            with os.scandir(path.parent) as it:
+                for e in it:
+                    if (e.name != name and e.name.startswith(core) and Path(e.name).stem == core
+                            and fnmatchcase(e.name, watch.pattern) and not is_sidecar_name(watch, e.name)
+                            and e.is_file(follow_symlinks=False)):
+                        return True
+        except OSError:
+            return True  # cannot tell: leave it for its recording (or the next scan)
+    return False
+
+
+@functools.cache
+def _beside(templates: tuple[str, ...]) -> tuple[tuple[str, str, str, str], ...]:
+    """(glob, literal prefix, field, literal suffix) for each template that puts a sidecar beside its
+    recording, by one field: "{dir}/<prefix>{stem|name}<suffix>" or "{path}<suffix>"."""
+    out = []
+    for t in templates:
+        if t.startswith("{path}"):
+            t = "{dir}/{name}" + t.removeprefix("{path}")
+        rest = t.removeprefix("{dir}/")
+        if rest == t or "/" in rest:
+            continue
+        parts = [(lit, f) for lit, f, _, _ in string.Formatter().parse(rest)]
+        fields = [f for _, f in parts if f is not None]
+        if len(fields) != 1 or fields[0] not in ("stem", "name"):
+            continue
+        prefix = parts[0][0]
+        suffix = "".join(lit for lit, _ in parts[1:])
+        out.append((_glob_escape(prefix) + "*" + _glob_escape(suffix), prefix, fields[0], suffix))
+    return tuple(out)
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as an fnmatch pattern that matches only itself."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
+
+
+def _sidecar_open(watch: WatchConfig, path: Path) -> bool:
+    """Whether a sidecar of `path` is still being written (a recorder writes its metadata after the audio)."""
+    for sidecar in sidecars_for(watch, path):
+        try:
+            fd = os.open(sidecar, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            continue  # none (yet), or not a file: sealing decides
+        try:
+            if open_writers_fd(fd) is Writers.OPEN:
+                return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _render(template: str, path: Path) -> Path:
+    text = template.format(path=path, dir=path.parent, name=path.name, stem=path.stem)
     return Path(os.path.normpath(text))
 
 
@@ -511,6 +596,8 @@ class _Scanner:
             return
         if not fnmatchcase(name, watch.pattern):
             return
+        if is_sidecar_name(watch, name) and has_recording(watch, path):
+            return  # sealed with its recording
         if stat.S_ISLNK(st.st_mode):
             self._skip(i, path, "symbolic link, not followed")
             return
@@ -554,7 +641,9 @@ class _Scanner:
             writers = open_writers_fd(fd)
         finally:
             os.close(fd)
-        if writers is Writers.OPEN:  # invariant 8, in every mode: its close event (or a second) brings it back
+        if writers is Writers.OPEN or _sidecar_open(watch, path):
+            # Invariant 8, in every mode, for the recording and the sidecars it carries: its close event (or
+            # a second) brings it back.
             self._pending(i, path, identity, now, now + _OPEN_RECHECK)
             return
         if watch.completion == "close":

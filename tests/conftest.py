@@ -166,6 +166,26 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(audit.TOTALS.summary())
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its audit totals to the controller (`pytest_testnodedown` there)."""
+    import sys
+
+    audit = sys.modules.get("secrets_audit")
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if audit is not None and workeroutput is not None:
+        workeroutput["secrets_audit"] = audit.TOTALS.to_dict()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """The controller under pytest-xdist: one summary line for every worker's audits."""
+    totals = getattr(node, "workeroutput", {}).get("secrets_audit")
+    if totals is not None:
+        import secrets_audit
+
+        secrets_audit.TOTALS.merge(totals)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _reliability_report():
     """docs/RELIABILITY.md is rewritten from the figures every reliability module collected this session,

@@ -8,7 +8,8 @@ recordings short: a writer holding its file open and silent looks finished to an
 - mixmonitor: Asterisk MixMonitor. Writes the final name in place, continuously (20 ms frames, here
   in 32 KiB bursts), holds it open through a hold pause, patches the WAV header at close; then the
   `command` hook runs: `marker` touches `<file>.done`, `rename` moves it from a dot-directory
-  inside the watch to its final name.
+  inside the watch to its final name. `--sidecar`: before the hook, a SIPREC-style `<stem>.xml` metadata
+  file is written in place beside it (in two pieces, a pause between).
 - freeswitch: `record_session` in place (a pause for PCI secure mode), then `record_post_process_exec_api`
   runs `system:mv` from a staging directory outside the watch into it (`rename`) or nothing (`close`).
 - rtpengine-pcap: rtpengine's pcap mode: `pcaps/<call>.pcap` written in place, and at the end of the call
@@ -84,7 +85,23 @@ def paused(path: Path, pieces: int, size: int, pause: float) -> str:
     return f.close()
 
 
-def mixmonitor(path: Path, hook: str, pause: float) -> str:
+def sidecar_text(recording: Path) -> bytes:
+    """The metadata `--sidecar` writes as `<stem>.xml` beside `recording` (a test computes its digest)."""
+    return (f'<?xml version="1.0"?>\n<recording xmlns="urn:ietf:params:xml:ns:recording:1">'
+            f'<session>{recording.stem}</session><participant>+15550100</participant></recording>\n').encode()
+
+
+def write_sidecar(recording: Path, pause: float) -> None:
+    """A recorder's metadata file, written in place in two pieces with a pause, after the recording closed."""
+    text = sidecar_text(recording)
+    with open(recording.with_name(recording.stem + ".xml"), "wb") as f:
+        f.write(text[:40])
+        f.flush()
+        time.sleep(min(pause, 1.0))
+        f.write(text[40:])
+
+
+def mixmonitor(path: Path, hook: str, pause: float, sidecar: bool = False) -> str:
     target = path
     if hook == "rename":
         path = path.parent / ".mixmonitor" / path.name  # records in a dot-directory the watch ignores
@@ -96,6 +113,8 @@ def mixmonitor(path: Path, hook: str, pause: float) -> str:
         time.sleep(pause if i == 11 else 0.02)
     f.patch(0, wav_header(len(f.model) - 44))
     digest = f.close()
+    if sidecar:
+        write_sidecar(target, pause)
     if hook == "marker":
         (target.parent / (target.name + ".done")).touch()
     elif hook == "rename":
@@ -173,10 +192,10 @@ class Producer:
 
 
 def start(recipe: str, path: Path, *, hook: str = "none", pause: float = 3.0, staging: Path | None = None,
-          pieces: int = 2, size: int = 1 << 20) -> Producer:
+          pieces: int = 2, size: int = 1 << 20, sidecar: bool = False) -> Producer:
     """Run `recipe` as a child process writing `path`."""
     args = [sys.executable, __file__, recipe, str(path), "--hook", hook, "--pause", str(pause),
-            "--pieces", str(pieces), "--size", str(size)]
+            "--pieces", str(pieces), "--size", str(size)] + (["--sidecar"] if sidecar else [])
     if staging is not None:
         args += ["--staging", str(staging)]
     return Producer(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE), path)
@@ -191,11 +210,12 @@ def main() -> None:
     ap.add_argument("--staging", type=Path)
     ap.add_argument("--pieces", type=int, default=2)
     ap.add_argument("--size", type=int, default=1 << 20)
+    ap.add_argument("--sidecar", action="store_true", help="mixmonitor: write <stem>.xml after close")
     a = ap.parse_args()
     if a.recipe == "paused":
         digest = paused(a.path, a.pieces, a.size, a.pause)
     elif a.recipe == "mixmonitor":
-        digest = mixmonitor(a.path, a.hook, a.pause)
+        digest = mixmonitor(a.path, a.hook, a.pause, a.sidecar)
     elif a.recipe == "freeswitch":
         digest = freeswitch(a.path, a.hook, a.pause, a.staging)
     elif a.recipe == "rtpengine-pcap":

@@ -9,6 +9,7 @@ to recover and time to drain.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import os
@@ -20,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent_harness import PASSPHRASE, ROOT, Agent, Setup, decrypt_all, drop, spool_files
 from agent_harness import new_setup as new_setup  # the rows' set-up; importers take it from here
@@ -234,6 +236,22 @@ def row(repository: str, fault: str) -> Row:
     return FIGURES[key]
 
 
+def stamp(event: dict[str, Any]) -> float:
+    """The wall-clock time of an agent log event ("ts": 2026-11-28T18:00:00.123Z)."""
+    return dt.datetime.strptime(event["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+def record_run(fault: str, setup: Setup, expected: dict[str, str], recover: list[float], drain: list[float],
+               iterations: int = 1) -> Check:
+    """A row for a test outside the crash loops (real producers, two agents, a full disk): the same
+    checker over what it expected (original name -> SHA-256), recorded under the filesystem repository."""
+    ledger = Ledger(fault)
+    ledger.sha = dict(expected)
+    check = check_filesystem(setup, ledger)
+    record("filesystem", fault, check, iterations, recover, drain)
+    return check
+
+
 def record(repository: str, fault: str, check: Check, iterations: int,
            recover: list[float], drain: list[float]) -> Row:
     r = row(repository, fault)
@@ -401,7 +419,7 @@ def render(elapsed: float) -> str:
         "",
         "- Bounded form (what `make test` runs; this file is only rewritten when asked):",
         "  `MEDIASEAL_RELIABILITY_REPORT=1 .venv/bin/python -m pytest -q tests/test_reliability*.py"
-        " tests/test_codec_fuzz.py`",
+        " tests/test_codec_fuzz.py tests/test_producers.py tests/test_ownership.py tests/test_enospc.py`",
         "- Soak form (>= 200 random SIGKILLs, more iterations of every fault): `make soak`, which sets",
         "  `MEDIASEAL_SOAK=1` and `MEDIASEAL_RELIABILITY_REPORT=1` and rewrites this file.",
         "- Disk full needs permission to mount a tmpfs (root); EIO on fsync needs `strace`. Without them",

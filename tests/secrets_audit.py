@@ -594,6 +594,18 @@ class Totals:
         self.slowest = max(self.slowest, (report.seconds, test))
         self.counts.update(report.counts)
 
+    def to_dict(self) -> dict[str, Any]:
+        """For a pytest-xdist worker to hand its totals to the controller (`workeroutput` takes JSON-able data)."""
+        return {"tests": self.tests, "failed": self.failed, "seconds": self.seconds,
+                "slowest": list(self.slowest), "counts": dict(self.counts)}
+
+    def merge(self, d: dict[str, Any]) -> None:
+        self.tests += d["tests"]
+        self.failed += d["failed"]
+        self.seconds += d["seconds"]
+        self.slowest = max(self.slowest, (float(d["slowest"][0]), str(d["slowest"][1])))
+        self.counts.update(d["counts"])
+
     def summary(self) -> str:
         c = self.counts
         return (f"secrets audit: {self.tests} tests, {self.failed} with findings, {self.seconds:.1f} s"

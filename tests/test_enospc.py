@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, decrypt_all, make_keyring
+from reliability_support import assert_zero, record_run, stamp
 from support.mounts import TmpfsUnavailable, tmpfs
 from test_service import get, metrics_env, sample
 
@@ -97,8 +98,9 @@ def test_spool_filesystem_filled_by_another_process_pauses_intake_then_resumes(
     for hog in hogs:
         hog.unlink()
     away.rename(setup.repository)
+    fixed = time.time()
     agent.wait_for("intake-resumed", timeout=60)
-    agent.wait_for("delivered", count=4, timeout=120)
+    times = [stamp(d) - fixed for d in agent.wait_for("delivered", count=4, timeout=120)]
     deadline = time.monotonic() + 30
     while get(f"{base}/readyz")[0] != 200:
         assert time.monotonic() < deadline, get(f"{base}/readyz")
@@ -107,6 +109,8 @@ def test_spool_filesystem_filled_by_another_process_pauses_intake_then_resumes(
     assert not any("Traceback" in line for line in agent.lines), "\n".join(agent.lines)
     assert decrypt_all(setup.repository, setup.keyring) == {n: [h] for n, h in ledger.items()}
     assert list(setup.capture().iterdir()) == []
+    assert_zero(record_run("spool filesystem filled by another process (and the repository away), then freed",
+                           setup, ledger, [max(0.0, min(times))], [max(0.0, max(times))]))
 
 
 def test_spool_names_a_full_filesystem_and_keeps_the_old_state(tmp_path: Path, small_spool: Path) -> None:

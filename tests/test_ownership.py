@@ -9,10 +9,12 @@ Real processes, real locks; synchronised on the agent's log events.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, decrypt_all, drop, make_keyring
+from reliability_support import assert_zero, record_run, stamp
 
 EXIT_OWNED = 4  # docs/OPERATIONS.md, "How the service behaves"
 
@@ -64,11 +66,14 @@ def test_a_second_agent_on_the_same_capture_directory_refuses_to_start(tmp_path:
     line = _refusal(second)
     assert str(capture) in line and f"pid {first.proc.pid}" in line and "test-agent" in line, line
     assert str(a.root / "mediaseal.toml") in line, line
+    t0 = time.time()
     ledger = {f"r{i}.wav": drop(capture, f"r{i}.wav", os.urandom(5_000)) for i in range(10)}
-    first.wait_for("delivered", count=len(ledger))
+    times = [stamp(d) - t0 for d in first.wait_for("delivered", count=len(ledger))]
     assert first.stop() == 0
     assert decrypt_all(a.repository, a.keyring) == {n: [h] for n, h in ledger.items()}
     assert not list(b.repository.rglob("*.mseal"))  # delivered once, by one agent
+    assert_zero(record_run("two agents on one capture directory (the second refused)", a, ledger,
+                           [min(times)], [max(times)]))
 
     # Once the first has stopped, its locks are gone with it: the second starts.
     again = Agent(b, env={"MEDIASEAL_AGENT__ID": "agent-b"})

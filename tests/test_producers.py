@@ -9,17 +9,22 @@ tests are issue 14's observations 1 and 2 (a paused in-place writer cut short by
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import producers
 import pytest
-from agent_harness import Agent, Setup, decrypt_all, make_keyring, spool_files
+from agent_harness import Agent, Setup, decrypt_all, make_keyring, packages, spool_files
+from reliability_support import assert_zero, record_run, stamp
+
+from mediaseal import codec
 
 
 @pytest.fixture(scope="session")
@@ -35,18 +40,27 @@ def _watch(root: Path, name: str, **kw: Any) -> dict[str, Any]:
     return {"path": str(root / name), "kind": "call", **kw}
 
 
-def _events(agent: Agent, want: dict[str, int], timeout: float = 120) -> None:
+def _events(agent: Agent, want: dict[str, int], timeout: float = 120) -> list[dict[str, Any]]:
     """Wait until each event name arrived `want[name]` times: one stream, so all are waited for at once
     (waiting for one name after another would drop the other names' events arriving in between)."""
-    left = dict(want)
+    left, got = dict(want), []
     while any(left.values()):
         (doc,) = agent.wait_for(tuple(n for n, c in left.items() if c > 0), timeout=timeout)
         left[doc["event"]] -= 1
+        got.append(doc)
+    return got
 
 
-def _delivered(setup: Setup, agent: Agent, expected: dict[str, str]) -> None:
-    """Every recording delivered once, as closed; sources disposed; nothing left in the spool."""
-    _events(agent, {"disposed": len(expected), "delivered": len(expected)})
+def _delivered(setup: Setup, agent: Agent, expected: dict[str, str], row: str | None = None) -> None:
+    """Every recording delivered once, as closed; sources disposed; nothing left in the spool. With `row`,
+    a docs/RELIABILITY.md row: recover = the writers' last close to the first delivery, drain = to the
+    last (by the agent's timestamps)."""
+    closed = time.time()
+    events = _events(agent, {"disposed": len(expected), "delivered": len(expected)})
+    if row is not None:
+        times = [stamp(d) - closed for d in events if d["event"] == "delivered"]
+        check = record_run(row, setup, expected, [max(0.0, min(times))], [max(0.0, max(times))])
+        assert_zero(check)
     got = decrypt_all(setup.repository, setup.keyring)
     assert got == {name: [digest] for name, digest in expected.items()}
     for w in setup.watches:
@@ -123,7 +137,7 @@ def test_every_recorder_in_its_documented_modes(tmp_path: Path, keyring_template
     agent.wait_for("ready")
     running = [producers.start(recipe, path, pause=3.0, **opts) for _, recipe, path, opts in recipes]
     expected = {p.path.name: p.wait_done() for p in running}
-    _delivered(setup, agent, expected)
+    _delivered(setup, agent, expected, f"in-place recorders with pauses ({len(running)} recorder/mode pairs)")
     assert not (tmp_path / "rtp" / "metadata" / "call-a.txt").exists()  # the marker went with its recording
     assert (tmp_path / "rtp2" / "metadata" / "call-b.txt").exists()  # not a marker in `close` mode: left alone
     assert agent.stop() == 0
@@ -179,7 +193,8 @@ def test_ffmpeg_writing_a_wav_from_a_stalling_input(tmp_path: Path, keyring_temp
     agent.wait_for("ready")
     proc = _ffmpeg_wav(ffmpeg, setup.capture() / "ff.wav", 4.0)
     assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else b""
-    _delivered(setup, agent, {"ff.wav": hashlib.sha256(ref.read_bytes()).hexdigest()})
+    _delivered(setup, agent, {"ff.wav": hashlib.sha256(ref.read_bytes()).hexdigest()},
+               f"ffmpeg writing a WAV in place, input stalled 4 s (completion {completion or 'default'})")
     assert agent.stop() == 0
 
 
@@ -192,7 +207,7 @@ def test_default_config_with_every_in_place_recorder(tmp_path: Path, keyring_tem
     agent.wait_for("ready")
     running = [producers.start(recipe, setup.capture() / name, pause=3.0, size=300_000) for recipe, name in names]
     expected = {p.path.name: p.wait_done() for p in running}
-    _delivered(setup, agent, expected)
+    _delivered(setup, agent, expected, f"in-place writers, 3 s pauses, default config ({len(running)} recorders)")
     assert agent.stop() == 0
 
 
@@ -285,4 +300,36 @@ def test_disposal_leaves_a_source_reopened_for_writing(tmp_path: Path, keyring_t
     digests = sorted(hashlib.sha256(d).hexdigest() for d in (first, first + b"z" * 50000))
     assert sorted(decrypt_all(setup.repository, setup.keyring)["reopened.wav"]) == digests
     assert not path.exists()
+    assert agent.stop() == 0
+
+
+def test_sidecars_travel_with_their_recording(tmp_path: Path, keyring_template: Path) -> None:
+    """MixMonitor with a SIPREC-style metadata file per call (`<stem>.xml`, written in place after the audio,
+    before the marker): each sidecar is delivered as its own package linked by id (`<id>.sidecar1`), is
+    never sealed on its own while its recording is there, and is disposed of with it. In `close` mode a
+    sidecar may come after its recording was sealed: then it is an orphan, sealed on its own, never left."""
+    sidecars = ["{dir}/{stem}.xml"]
+    setup = _setup(tmp_path, keyring_template, [
+        _watch(tmp_path, "marked", completion="marker", sidecars=sidecars),
+        _watch(tmp_path, "closed", sidecars=sidecars),
+    ])
+    for w in setup.watches:
+        Path(w["path"]).mkdir()
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    running = [producers.start("mixmonitor", tmp_path / "marked" / f"s{i}.wav", hook="marker", pause=1.0,
+                               sidecar=True) for i in range(3)]
+    running.append(producers.start("mixmonitor", tmp_path / "closed" / "late.wav", pause=1.0, sidecar=True))
+    expected = {p.path.name: p.wait_done() for p in running}
+    expected |= {p.path.stem + ".xml": hashlib.sha256(producers.sidecar_text(p.path)).hexdigest() for p in running}
+    _delivered(setup, agent, expected, "recorder metadata sidecars, written in place after the audio")
+    ids = {}
+    for p in packages(setup.repository):
+        with open(p, "rb") as f:
+            meta = codec.read_header(f).metadata
+        ids[meta.original_name] = meta.recording_id
+    for i in range(3):
+        assert ids[f"s{i}.xml"] == ids[f"s{i}.wav"] + ".sidecar1", ids
+    linked = [json.loads(line)["sidecar_id"] for line in agent.lines if '"event": "sidecar-spooled"' in line]
+    assert set(linked) >= {ids[f"s{i}.xml"] for i in range(3)}, linked
     assert agent.stop() == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import PASSPHRASE, Agent, Setup, make_keyring
+from agent_harness import PASSPHRASE, Agent, Setup, drop, make_keyring
 from keyset_support import TestCA
 from reliability_outages import (
     KEYSET_ENV,
@@ -39,6 +39,7 @@ from reliability_support import (
     drain_running,
     new_setup,
     record,
+    recording,
     restart_and_drain,
     scan_setup,
     sized,
@@ -129,20 +130,24 @@ def test_fs_random_sigkills_under_load(tmp_path: Path, reliability_keyring: Path
 # -- disposal: a crash point at each step, and kills timed to land inside it (marker mode: the marker is
 # one of the things a crash could leave behind) ------------------------------------------------------------
 
-DISPOSAL_POINTS = ["after-dispose-rename", "after-dispose-marker", "after-dispose-source"]
+DISPOSAL_POINTS = ["after-sidecar-commit", "after-dispose-rename", "after-dispose-marker", "after-dispose-source"]
 
 
 def marker_setup(root: Path, keyring: Path) -> Setup:
+    """Marker mode, and a sidecar per recording (`<stem>.xml`, as a SIPREC or recorder metadata file)."""
     setup = new_setup(root, keyring)
-    setup.watches[0].update(completion="marker", marker_suffix=".done")
+    setup.watches[0].update(completion="marker", marker_suffix=".done", sidecars=["{dir}/{stem}.xml"])
     return setup
 
 
 def produce_marked(ledger: Ledger, directory: Path, prefix: str, sizes: list[int]) -> None:
-    """The ledger's producer, then each recording's `.done` marker (as a recorder's close hook would)."""
+    """The ledger's producer, then each recording's sidecar and `.done` marker (as a recorder's close hook
+    would). The sidecars are in the ledger as recordings of their own: each must be delivered once."""
     before = set(ledger.sha)
     ledger.produce(directory, prefix, sizes)
     for name in sorted(set(ledger.sha) - before):
+        sidecar = Path(name).stem + ".xml"
+        ledger.sha[sidecar] = drop(directory, sidecar, recording(ledger.rng, 700))
         (directory / f"{name}.done").touch()
 
 

@@ -32,7 +32,6 @@ Bounded here (`make test`); MEDIASEAL_SOAK=1 (`make soak`) runs more iterations 
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import queue
@@ -62,6 +61,7 @@ from reliability_support import (
     scan_setup,
     sized,
     skipped,
+    stamp,
 )
 from support.waits import CEILING
 
@@ -82,11 +82,6 @@ def race_keyring() -> Iterator[Path]:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def stamp(event: dict[str, Any]) -> float:
-    """The wall-clock time of an agent log event ("ts": 2026-11-28T18:00:00.123Z)."""
-    return dt.datetime.strptime(event["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 def at(path: Path) -> Callable[[dict[str, Any]], bool]:
@@ -201,7 +196,9 @@ class Race:
         while self.leftovers():
             if time.monotonic() > deadline:
                 raise AssertionError(f"not drained: {self.leftovers()[:5]}")
-            agent.wait_for(("delivered", "disposed"), timeout=max(1.0, deadline - time.monotonic()))
+            # Any end of a recording's attempt: a sealing that is redone (its source was swapped or changed
+            # under it) leaves a staging file until it ends, and ends with no delivery.
+            agent.wait_for(SETTLED, timeout=max(1.0, deadline - time.monotonic()))
             skip_queued(agent)  # deliveries come in bursts: look at the files once per burst, not per event
 
     def finish(self, fault: str, iterations: int, agent: Agent) -> Check:
@@ -226,6 +223,9 @@ class Race:
         wrong = [n for n, h in self.absent.items() if n in got or h in everything]
         assert not wrong, f"delivered though deliberately not: {wrong[:5]}"
         return check
+
+
+SETTLED = ("delivered", "disposed", "redo", "vanished", "skipped", "still-open", "seal-failed")
 
 
 def sealing_race(race: Race, agent: Agent, name: str, act: Callable[[Path, bytes], bytes | None],

@@ -461,12 +461,17 @@ def test_the_new_watch_keys_parse_and_are_checked(tmp_path: Path) -> None:
     assert load("temp_patterns = ['*.inprogress']").temp_patterns == ("*.inprogress",)
     assert load("", {"MEDIASEAL_WATCH__0__TEMP_PATTERNS": '["a*"]'}).temp_patterns == ("a*",)
     assert load("completion = 'marker'\nmarker = '{dir}/../metadata/{stem}.txt'").marker is not None
+    assert load("sidecars = ['{dir}/{stem}.xml', '{path}.meta']").sidecars == ("{dir}/{stem}.xml", "{path}.meta")
     for bad, message in [
         ("temp_patterns = '*.part'", "watch[0].temp_patterns: expected an array of non-empty strings"),
         ("completion = 'marker'\nmarker = '{dir}/x'", "watch[0].marker: must be a path template naming"),
         ("completion = 'marker'\nmarker = '{path}'", "watch[0].marker: must be a path template naming"),
         ("completion = 'marker'\nmarker = '{nope}.txt'", "watch[0].marker: must be a path template naming"),
         ("marker = '{path}.done'", 'watch[0].marker: only used with completion = "marker"'),
+        ("sidecars = ['{dir}/x.xml']", "watch[0].sidecars[0]: must be a path template naming the recording"),
+        ("sidecars = ['{path}']", "watch[0].sidecars[0]: must be a path template naming the recording"),
+        ("sidecars = ['{dir}/{stem}.xml', '{dir}/{stem}.xml']", "watch[0].sidecars: at most 8, each once"),
+        ("completion = 'marker'\nsidecars = ['{path}.done']", "watch[0].sidecars[0]: must be a path template"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load(bad)
@@ -479,3 +484,33 @@ async def test_the_agents_own_names_are_never_candidates_whatever_temp_patterns_
         await nothing_within(queue, 0.5)
         drop(tmp_path / ".visible-here.wav")  # a dotfile is a recording under these patterns
         assert (await next_candidate(queue)).path == tmp_path / ".visible-here.wav"
+
+
+async def test_sidecars_wait_for_their_recording_and_orphans_are_candidates(tmp_path: Path) -> None:
+    """A sidecar beside its recording is never a candidate of its own (it is sealed with the recording);
+    a recording whose sidecar is still open for writing waits for it; a sidecar whose recording is gone
+    is an orphan, a candidate like any recording (never left behind in plaintext)."""
+    from mediaseal.agent.watcher import has_recording, is_sidecar_name
+
+    w = WatchConfig(tmp_path, completion="rename", sidecars=("{dir}/{stem}.xml", "{path}.meta"))
+    assert [is_sidecar_name(w, n) for n in ("a.xml", "a.wav.meta", "a.wav", "xml")] == [True, True, False, False]
+    (tmp_path / "b.wav").write_bytes(b"audio")
+    (tmp_path / "b.xml").write_bytes(b"<x/>")
+    (tmp_path / "b.wav.meta").write_bytes(b"m")
+    assert has_recording(w, tmp_path / "b.xml") and has_recording(w, tmp_path / "b.wav.meta")
+    assert not has_recording(w, tmp_path / "c.xml")
+    for p in tmp_path.iterdir():
+        p.unlink()
+    async with watching(w) as (queue, _):
+        with open(tmp_path / "r.xml", "wb") as meta:  # the recorder still writes the metadata
+            meta.write(b"<recording>")
+            meta.flush()
+            drop(tmp_path / "r.wav")
+            await nothing_within(queue, 1.5)  # neither the recording (its sidecar is open) nor the sidecar
+        got = await next_candidate(queue)
+        assert got.path == tmp_path / "r.wav"
+        await nothing_within(queue, 1.5)  # r.xml goes with r.wav
+        (tmp_path / "r.wav").unlink()
+        drop(tmp_path / "orphan.xml")
+        got = await next_candidate(queue)
+        assert got.path == tmp_path / "orphan.xml"
