@@ -10,6 +10,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 WHEEL   = dist/mediaseal-$(VERSION)-py3-none-any.whl
 FOLDERS := codec plumbing keys buffer uploader agent export
+# The suite's tests mostly wait (on agents, servers, producers' pauses), so four pytest-xdist workers
+# on two cores take ~40 % of the serial time (docs/BENCHMARKS.md); `make test-unit PARALLEL=` runs serially.
+PARALLEL ?= -n 4 --dist worksteal
 SOURCES := $(shell git ls-files $(FOLDERS) 2>/dev/null) pyproject.toml setup.py README.md
 
 .PHONY: run test test-unit test-hosts tools lint typecheck wheel install dev deb bench bench-peers soak clean
@@ -40,7 +43,7 @@ test: test-unit test-hosts  ## lint, type-check, the suite against the installed
 
 test-unit: install tools typecheck
 	$(VENV)/bin/ruff check .
-	MEDIASEAL_TEST_TARGET=wheel $(PY) -m pytest -q --ignore=tests/hosts
+	MEDIASEAL_TEST_TARGET=wheel $(PY) -m pytest -q --ignore=tests/hosts $(PARALLEL)
 
 # The root tiers: the container image built and run with podman, the systemd unit under a real
 # systemd in systemd-nspawn, and the Debian package installed there. Each installs what it needs
