@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 __all__ = [
-    "AgentConfig", "BufferConfig", "Config", "ConfigError", "KeysConfig", "MetricsConfig",
+    "AgentConfig", "BufferConfig", "Config", "ConfigError", "check_layout", "KeysConfig", "MetricsConfig",
     "RepositoryConfig", "WatchConfig", "embedded_default", "load_config", "parse_size",
 ]
 
@@ -69,7 +69,7 @@ class WatchConfig:
     quiet_seconds: float = 2.0
     marker_suffix: str = ".done"
     dispose: DisposeMode = "delete"
-    move_to: Path | None = None  # required iff dispose == "move"; may be inside path (the watcher skips it)
+    move_to: Path | None = None  # required iff dispose == "move"; outside every watch (check_layout)
     force_polling: bool = False  # network filesystems, where inotify sees nothing
     content_type: str | None = None  # None: guessed from the extension, else application/octet-stream
     marker: str | None = None  # template, e.g. "{dir}/../metadata/{stem}.txt"; None: "{path}" + marker_suffix
@@ -93,6 +93,13 @@ class BufferConfig:
     path: Path
     max_bytes: int = field(default=10 * GiB, metadata=_SIZE)
     min_free_bytes: int = field(default=64 * MiB, metadata=_SIZE)  # keep this much free on the spool's filesystem
+    # The key the spool's manifests are authenticated under (made at first start, 0600), outside the spool
+    # so that a file planted in the spool cannot carry a valid MAC. None: `<path>.key` beside the spool.
+    manifest_key: Path | None = None
+
+    @property
+    def manifest_key_path(self) -> Path:
+        return self.manifest_key or self.path.with_name(self.path.name + ".key")
 
 
 @dataclass(frozen=True)
@@ -389,9 +396,10 @@ class _Builder:
                       'only used with completion = "marker"')
             marker = (w.marker or "{path}" + w.marker_suffix) if w.completion == "marker" else None
             for n, template in enumerate(w.sidecars):
-                self.rule(f"{at}.sidecars[{n}]", _marker_template(template) and template != marker,
-                          "must be a path template naming the recording, e.g. \"{dir}/{stem}.xml\" (fields: "
-                          + ", ".join(MARKER_FIELDS) + ")")
+                self.rule(f"{at}.sidecars[{n}]", _marker_template(template) and template != marker
+                          and _beside(template),
+                          "must name a file beside the recording by its stem or name, e.g. \"{dir}/{stem}.xml\" "
+                          "or \"{path}.meta\"")
             self.rule(f"{at}.sidecars", len(set(w.sidecars)) == len(w.sidecars) and len(w.sidecars) <= 8,
                       "at most 8, each once")
             self.choice(f"{at}.dispose", w.dispose, DISPOSE_MODES)
@@ -399,7 +407,8 @@ class _Builder:
                 self.rule(f"{at}.move_to", w.move_to is not None, 'required with dispose = "move"')
             else:
                 self.rule(f"{at}.move_to", w.move_to is None, 'only used with dispose = "move"')
-            self.rule(f"{at}.move_to", w.move_to != w.path, "must differ from path")
+            self.rule(f"{at}.move_to", w.move_to is None or not _overlap(w.move_to, w.path),
+                      "must lie outside path (whoever writes the capture directory must not reach it)")
             self.rule(f"{at}.content_type", w.content_type is None or _MEDIA_TYPE.fullmatch(w.content_type) is not None,
                       "must be a media type such as audio/wav")
             for j, other in enumerate(cfg.watch[:i]):
@@ -493,6 +502,44 @@ def _marker_template(template: str) -> bool:
     except (ValueError, KeyError, IndexError):
         return False
     return fields <= set(MARKER_FIELDS) and bool(fields - {"dir"}) and probe != "/d/r.wav"
+
+
+def _beside(template: str) -> bool:
+    """Whether a sidecar template puts the file in the recording's own directory, named by one field."""
+    rest = "{name}" + template.removeprefix("{path}") if template.startswith("{path}") else template
+    rest = rest.removeprefix("{dir}/")
+    if rest == template and not template.startswith("{path}"):
+        return False
+    fields = [f for _, f, _, _ in string.Formatter().parse(rest) if f is not None]
+    return "/" not in rest and fields in (["stem"], ["name"])
+
+
+def check_layout(cfg: Config) -> list[str]:
+    """The agent's own directories and files outside every capture directory, judged by where they really
+    are (symlinks resolved, once, at start): `load_config` compares the paths as written, and whoever
+    writes a capture directory must not reach the spool, the keys or a `move_to` through a link the
+    operator made (DESIGN invariant 9). Returns one line per problem."""
+    owned: dict[str, Path] = {"buffer.path": cfg.buffer.path, "buffer.manifest_key": cfg.buffer.manifest_key_path}
+    if cfg.keys.keyring is not None:
+        owned["keys.keyring"] = cfg.keys.keyring
+    if cfg.keys.signer is not None:
+        owned["keys.signer"] = cfg.keys.signer
+    if cfg.keys.keyset is not None and "://" not in cfg.keys.keyset:
+        owned["keys.keyset"] = Path(cfg.keys.keyset)
+    if cfg.repository.url.startswith("file://"):
+        owned["repository.url"] = Path(urlsplit(cfg.repository.url).path)
+    for i, w in enumerate(cfg.watch):
+        if w.move_to is not None:
+            owned[f"watch[{i}].move_to"] = w.move_to
+    problems = []
+    for i, w in enumerate(cfg.watch):
+        real_watch = Path(os.path.realpath(w.path))
+        for where, p in owned.items():
+            real = Path(os.path.realpath(p))
+            if _overlap(real, real_watch):
+                problems.append(f"{where}: {p} is {real}, which overlaps watch[{i}].path ({w.path} is {real_watch}): "
+                                "keep the agent's own directories outside every capture directory")
+    return problems
 
 
 def unsafe_delete(w: WatchConfig) -> bool:

@@ -39,7 +39,7 @@ import errno
 import logging
 import os
 import re
-import shutil
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
@@ -49,10 +49,12 @@ from typing import Literal, get_args
 from mediaseal.agent import metrics
 from mediaseal.agent.config import WatchConfig
 from mediaseal.agent.crash import crash_point
+from mediaseal.agent.watcher import marker_for
 from mediaseal.agent.writers import refuse_if_open
 from mediaseal.buffer.manifest import DISPOSE_MODES, DisposeMode, Manifest, SourceIdentity
 from mediaseal.buffer.spool import Spool
-from mediaseal.plumbing.durable import DurabilityError, fsync_dir
+from mediaseal.plumbing.dirfd import make_dirs, opened_dir
+from mediaseal.plumbing.durable import DurabilityError, fsync, write_all
 
 log = logging.getLogger("mediaseal.pipeline")
 
@@ -131,54 +133,96 @@ class Disposal:
 
     def dispose(self, m: Manifest) -> None:
         """Apply the watch's disposal to a committed recording's source. Idempotent on replay.
-        Raises OSError where the capture directory refuses (see `_attempt`)."""
+        Raises OSError where the capture directory refuses (see `_attempt`), including ELOOP/ENOTDIR
+        where a directory of the source's path was swapped for a symlink (nothing is done through it)."""
         if m.dispose == "keep":
             self._spool.mark_kept(m.recording_id)
             log.info("disposed", extra={"fields": {"recording_id": m.recording_id, "path": m.source,
                                                     "dispose": "keep"}})
             return
         src = Path(m.source)
-        if refuse_if_open(src, m.recording_id):  # invariant 8 (agent/writers.py): the watcher brings it back
-            return
-        # The name is taken from the producer first (one atomic rename to a dotfile the watcher ignores),
-        # and only then is the file under it checked: checking `src` and then unlinking `src` would
-        # delete a new recording renamed over the name in between (a producer reusing names right
-        # after a recording is sealed does exactly that). A replay after a crash finds `grabbed`.
-        grabbed = src.with_name(f".mediaseal-{m.recording_id}.disposing")
-        if not os.path.lexists(grabbed):
-            try:
-                os.rename(src, grabbed)
-            except FileNotFoundError:
-                # Disposed already (before a crash) or removed by someone else. The marker normally went
-                # before the source; an agent before this one removed it after, so it may still be here.
-                # Logged at info only when something was left to do (a restart replays every manifest).
-                (log.info if _remove_marker(m) else log.debug)("disposed", extra={"fields": {
-                    "recording_id": m.recording_id, "path": m.source, "dispose": m.dispose, "replayed": True}})
+        w = self.watch_of(src)
+        # Every step acts on one name in a directory descriptor reached from the watch without following
+        # a symlink (plumbing/dirfd.py): whoever writes the capture directory can swap a directory of the
+        # path for a link at any moment, and an operation by path would then land wherever it points.
+        with opened_dir(w.path, src.parent) as d:
+            if refuse_if_open(src, m.recording_id, dir_fd=d):  # invariant 8: the watcher brings it back
                 return
-            crash_point("after-dispose-rename")
-        identity = m.source_identity
-        if identity is None or not identity.same_file(SourceIdentity.of(os.stat(grabbed, follow_symlinks=False))):
-            log.warning("source-changed-after-seal",
-                        extra={"fields": {"recording_id": m.recording_id, "path": m.source}})
-            _give_back(grabbed, src)
-            return
-        # The marker before the source (see the module docstring), durably: a marker back from a power
-        # cut with its source gone would make the next recording under the name look complete.
-        _remove_marker(m)
-        crash_point("after-dispose-marker")
-        if m.dispose == "move" and m.move_to:
-            watch_root = next((w.path for w in self._watches if w.path in src.parents), src.parent)
-            dest = Path(m.move_to) / src.relative_to(watch_root)
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            shutil.move(grabbed, dest)
-            fsync_dir(dest.parent)
-        else:
-            with contextlib.suppress(FileNotFoundError):  # a replay after the unlink, before the fsync
-                grabbed.unlink()
-        fsync_dir(src.parent)
+            # The name is taken from the producer first (one atomic rename to a dotfile the watcher
+            # ignores), and only then is the file under it checked: checking `src` and then unlinking
+            # `src` would delete a new recording renamed over the name in between (a producer reusing
+            # names right after a recording is sealed does exactly that). A replay after a crash finds
+            # `grabbed`.
+            grabbed = f".mediaseal-{m.recording_id}.disposing"
+            if not _exists_at(d, grabbed):
+                try:
+                    os.rename(src.name, grabbed, src_dir_fd=d, dst_dir_fd=d)
+                except FileNotFoundError:
+                    # Disposed already (before a crash) or removed by someone else. The marker normally
+                    # went before the source; an agent before this one removed it after, so it may still
+                    # be here. Logged at info only when something was left to do (a restart replays every
+                    # manifest).
+                    (log.info if self._remove_marker(m, w) else log.debug)("disposed", extra={"fields": {
+                        "recording_id": m.recording_id, "path": m.source, "dispose": m.dispose,
+                        "replayed": True}})
+                    return
+                crash_point("after-dispose-rename")
+            identity = m.source_identity
+            if identity is None or not identity.same_file(
+                    SourceIdentity.of(os.stat(grabbed, dir_fd=d, follow_symlinks=False))):
+                log.warning("source-changed-after-seal",
+                            extra={"fields": {"recording_id": m.recording_id, "path": m.source}})
+                _give_back(d, grabbed, src)
+                return
+            # The marker before the source (see the module docstring), durably: a marker back from a
+            # power cut with its source gone would make the next recording under the name look complete.
+            self._remove_marker(m, w)
+            crash_point("after-dispose-marker")
+            if m.dispose == "move" and w.move_to is not None:
+                rel = src.parent.relative_to(w.path)
+                os.makedirs(w.move_to, mode=0o700, exist_ok=True)  # the configured directory (outside every watch)
+                with make_dirs(w.move_to, w.move_to / rel) as dest:
+                    _move(d, grabbed, dest, src.name)
+                    fsync(dest, w.move_to / rel)
+            else:
+                with contextlib.suppress(FileNotFoundError):  # a replay after the unlink, before the fsync
+                    os.unlink(grabbed, dir_fd=d)
+            fsync(d, src.parent)
         crash_point("after-dispose-source")
         log.info("disposed", extra={"fields": {"recording_id": m.recording_id, "path": m.source,
                                                 "dispose": m.dispose}})
+
+    def watch_of(self, path: Path) -> WatchConfig:
+        """The watch `path` lies under (manifests are validated on load: agent/pipeline.py)."""
+        for w in self._watches:
+            if path.is_relative_to(w.path) and path != w.path:
+                return w
+        raise OSError(errno.EPERM, "not under any configured watch", str(path))
+
+    def _remove_marker(self, m: Manifest, w: WatchConfig) -> bool:
+        """Remove `m`'s completion marker, if it has one still there, durably (its directory fsynced),
+        through a directory descriptor reached from the nearest directory it shares with the watch
+        (an rtpengine marker sits in a sibling of the watch). Returns whether there was one."""
+        if not m.marker:
+            return False
+        marker = Path(m.marker)
+        if w.completion != "marker" or marker != marker_for(w, Path(m.source)):
+            # Only the marker the watch names for this source (the config may have changed since, or
+            # the manifest is not what it claims): any other file is not the agent's to remove.
+            log.warning("marker-not-removed", extra={"fields": {"recording_id": m.recording_id, "marker": m.marker,
+                                                                "why": "not the marker this watch names"}})
+            return False
+        anchor = Path(os.path.commonpath([w.path, marker.parent]))
+        try:
+            with opened_dir(anchor, marker.parent) as d:
+                try:
+                    os.unlink(marker.name, dir_fd=d)
+                except FileNotFoundError:
+                    return False
+                fsync(d, marker.parent)
+        except FileNotFoundError:
+            return False  # its directory is gone too
+        return True
 
     # -- failures and recovery ---------------------------------------------------------------------
 
@@ -248,11 +292,17 @@ class Disposal:
         never committed, whose source was not renamed. So its package is in the repository."""
         if w.dispose == "keep":
             return  # a keep watch never makes private names
-        skip = w.move_to
-        for dirpath, dirnames, filenames in os.walk(w.path):
-            here = Path(dirpath)
-            if skip is not None:
-                dirnames[:] = [d for d in dirnames if here / d != skip]
+        # fwalk: each directory is entered through a descriptor without following symlinks, and the
+        # names below act on it (dir_fd), so a directory swapped for a link mid-walk leads nowhere.
+        try:
+            os.stat(w.path)
+        except OSError:
+            return  # missing or unreadable: readiness says so, and there is nothing to finish in it
+        # From the watch's real path: a configured capture directory may itself be a symlink, which fwalk
+        # would not enter; nothing below it is followed.
+        real = Path(os.path.realpath(w.path))
+        for dirpath, dirnames, filenames, d in os.fwalk(real, follow_symlinks=False):
+            here = w.path / Path(dirpath).relative_to(real)
             if not w.recursive:
                 dirnames[:] = []
             for name in filenames:
@@ -260,16 +310,17 @@ class Disposal:
                     continue
                 path = here / name
                 try:
-                    if not os.path.isfile(path) or os.path.islink(path):
+                    if not stat.S_ISREG(os.stat(name, dir_fd=d, follow_symlinks=False).st_mode):
                         continue
                     if w.dispose == "move" and w.move_to is not None:
-                        dest = w.move_to / here.relative_to(w.path) / match["rid"]
-                        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                        shutil.move(path, dest)
-                        fsync_dir(dest.parent)
+                        rel = here.relative_to(w.path)
+                        os.makedirs(w.move_to, mode=0o700, exist_ok=True)
+                        with make_dirs(w.move_to, w.move_to / rel) as dest:
+                            _move(d, name, dest, match["rid"])
+                            fsync(dest, w.move_to / rel)
                     else:
-                        path.unlink()
-                    fsync_dir(here)
+                        os.unlink(name, dir_fd=d)
+                    fsync(d, here)
                 except DurabilityError:
                     raise
                 except OSError as e:
@@ -282,41 +333,65 @@ class Disposal:
                     "why": "its package was released (confirmed by the repository) before its disposal finished"}})
 
 
-def _remove_marker(m: Manifest) -> bool:
-    """Remove `m`'s completion marker, if it has one still there, durably (its directory fsynced).
-    Returns whether there was one."""
-    if not m.marker:
-        return False
-    marker = Path(m.marker)
+def _exists_at(d: int, name: str) -> bool:
     try:
-        marker.unlink()
+        os.stat(name, dir_fd=d, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    fsync_dir(marker.parent)
     return True
 
 
-def _give_back(grabbed: Path, src: Path) -> None:
+def _move(src_dir: int, name: str, dest_dir: int, dest_name: str) -> None:
+    """Move one file between directory descriptors: a rename where both are on one filesystem, else a
+    copy (created O_EXCL, fsynced) and an unlink. An existing file under the destination name is never
+    replaced: the moved one takes a free name beside it."""
+    target, n = dest_name, 0
+    while _exists_at(dest_dir, target):
+        n += 1
+        stem, dot, ext = dest_name.rpartition(".")
+        target = f"{stem}-{n}.{ext}" if dot and stem else f"{dest_name}-{n}"
+    try:
+        os.rename(name, target, src_dir_fd=src_dir, dst_dir_fd=dest_dir)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        fout = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                       dir_fd=dest_dir)
+        try:
+            while chunk := os.read(fin, 1 << 20):
+                write_all(fout, chunk)
+            fsync(fout, target)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+    os.unlink(name, dir_fd=src_dir)
+
+
+def _give_back(d: int, grabbed: str, src: Path) -> None:
     """Return a file taken by mistake (a newer recording under the name) without replacing whatever is
     under the name by now: link, which refuses an existing name, then drop the private one. If the name
     is taken again, the file keeps a visible name of its own, so it is still sealed and nothing is lost."""
-    target = src
+    target = src.name
     for n in range(1, 1000):
         try:
-            os.link(grabbed, target)
+            os.link(grabbed, target, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
             break
         except FileExistsError:
-            target = src.with_name(f"{src.stem}-{n}{src.suffix}")
+            target = f"{src.stem}-{n}{src.suffix}"
         except OSError:  # no hard links here: a rename, checked first (a narrower window, never a loss of both)
-            if os.path.lexists(target):
-                target = src.with_name(f"{src.stem}-{n}{src.suffix}")
+            if _exists_at(d, target):
+                target = f"{src.stem}-{n}{src.suffix}"
                 continue
-            os.rename(grabbed, target)
+            os.rename(grabbed, target, src_dir_fd=d, dst_dir_fd=d)
             break
     else:
         raise FileExistsError(f"no free name to give {grabbed} back under")
-    if target != src:
-        log.warning("source-renamed", extra={"fields": {"path": str(src), "renamed_to": str(target)}})
+    if target != src.name:
+        log.warning("source-renamed", extra={"fields": {"path": str(src), "renamed_to": str(src.with_name(target))}})
     with contextlib.suppress(FileNotFoundError):
-        grabbed.unlink()
-    fsync_dir(src.parent)
+        os.unlink(grabbed, dir_fd=d)
+    fsync(d, src.parent)

@@ -50,6 +50,7 @@ from mediaseal.agent.watcher import Candidate, sidecars_for
 from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd, probe
 from mediaseal.buffer.manifest import DisposeMode, Manifest, SourceIdentity
 from mediaseal.buffer.spool import Reservation, Spool, SpoolFullError
+from mediaseal.plumbing.dirfd import opened_dir
 from mediaseal.plumbing.durable import DurabilityError
 from mediaseal.uploader import repository_key
 
@@ -315,7 +316,13 @@ class Intake:
                reservation: Reservation, identity: SourceIdentity) -> _Staged:
         """Seal `path` (as last seen: `identity`) into a staging file; raises SourceChangedError or
         SourceOpenError where it is not that file, complete, any more."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never through a symlink
+        # Never through a symlink, in the name nor in a directory of the path (plumbing/dirfd.py).
+        with opened_dir(w.path, path.parent) as d:
+            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+            return self._stage_fd(fd, d, w, path, rid, captured, recipient, reservation, identity)
+
+    def _stage_fd(self, fd: int, d: int, w: WatchConfig, path: Path, rid: str, captured: str,
+                  recipient: codec.Recipient, reservation: Reservation, identity: SourceIdentity) -> _Staged:
         with open(fd, "rb", buffering=0) as src:
             sealed_from = SourceIdentity.of(os.fstat(fd))
             if not sealed_from.same_file(identity):
@@ -335,7 +342,10 @@ class Intake:
             crash_point("after-staging-fsync")
             # The identity is checked again now that every byte has been read: a file rewritten or
             # appended to during sealing gives a package of neither version, so it is redone.
-            after = SourceIdentity.of_path(path)
+            try:
+                after: SourceIdentity | None = SourceIdentity.of(os.stat(path.name, dir_fd=d, follow_symlinks=False))
+            except FileNotFoundError:
+                after = None
             if not sealed_from.same_file(after) or result.plaintext_size != identity.size:
                 staged_path.unlink()
                 raise SourceChangedError

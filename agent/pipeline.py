@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.intake import Cancelled, Intake, package_estimate, recording_id
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.watcher import Candidate, Watcher
+from mediaseal.buffer.manifest import Manifest
 from mediaseal.buffer.spool import SPOOLED, Spool
 from mediaseal.uploader import Repository, RepositoryError
 
@@ -36,7 +39,31 @@ log = logging.getLogger("mediaseal.pipeline")
 
 T = TypeVar("T")
 
-__all__ = ["SPOOLED", "DeliveryHealth", "Pipeline", "package_estimate", "recording_id"]
+__all__ = ["manifest_problem", "SPOOLED", "DeliveryHealth", "Pipeline", "package_estimate", "recording_id"]
+
+
+_RECORDING_ID = re.compile(r"(?P<date>[0-9]{8})T[0-9]{6}Z-[0-9a-f]{20}(?:\.sidecar[1-8])?")
+
+
+def manifest_problem(config: Config, m: Manifest) -> str | None:
+    """Why the agent refuses a manifest from its spool (DESIGN invariant 9), or None. A valid MAC says
+    this agent wrote it; these say it still makes sense under this config: its id is one the agent
+    makes, its repository key the one derived from kind, capture date and id (a manifest cannot aim a
+    delivery at another object), and its source lies under a configured watch (a disposal never acts
+    anywhere else). A config changed since (another kind, disposal or marker) is not a refusal: the
+    disposal follows the watch as configured now and removes only the marker the watch names."""
+    match = _RECORDING_ID.fullmatch(m.recording_id)
+    if match is None:
+        return f"recording id {m.recording_id!r} is not one the agent makes"
+    d = match["date"]
+    if m.repo_key != f"{m.kind}/{d[:4]}/{d[4:6]}/{d[6:]}/{m.recording_id}.mseal":
+        return f"repository key {m.repo_key!r} is not the one derived from its kind, capture date and id"
+    src = Path(m.source)
+    if not src.is_absolute() or ".." in src.parts or os.path.normpath(src) != str(src):
+        return f"source {m.source!r} is not a normal absolute path"
+    if not any(src.is_relative_to(w.path) and src != w.path for w in config.watch):
+        return f"source {m.source} lies under no configured watch"
+    return None
 
 
 class Pipeline:

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import uvloop
 
-from mediaseal.agent.config import Config, ConfigError, load_config
+from mediaseal.agent.config import Config, ConfigError, check_layout, load_config
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.log import setup_logging
 from mediaseal.agent.ownership import OwnedError, Ownership
-from mediaseal.agent.pipeline import Pipeline
+from mediaseal.agent.pipeline import Pipeline, manifest_problem
 from mediaseal.agent.service import AgentService, ServiceError
-from mediaseal.buffer.spool import Spool
+from mediaseal.buffer.spool import Spool, SpoolError, manifest_key
 from mediaseal.keys.errors import KeysError
 from mediaseal.keys.keyring import Keyring, passphrase_from
 from mediaseal.plumbing.durable import DurabilityError
@@ -56,6 +56,9 @@ def run(config_path: Path | None, log_format: str | None) -> None:
         config = load_config(config_path, os.environ)
     except ConfigError as e:
         print(f"mediaseal: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if problems := check_layout(config):
+        print(f"mediaseal: error: config: {problems[0]}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     setup_logging(log_format or config.agent.log_format, _log_level(os.environ))
     embedded = config_path is None
@@ -143,8 +146,13 @@ async def _serve(config: Config, service: AgentService, *, announce: bool, owner
     except RepositoryError as e:
         print(f"mediaseal: error: {e}", file=sys.stderr)
         return 1
+    try:
+        key, made = manifest_key(config.buffer.manifest_key_path)
+    except (SpoolError, OSError) as e:
+        print(f"mediaseal: error: {e}", file=sys.stderr)
+        return 1
     spool = Spool(config.buffer.path, config.buffer.max_bytes, min_free_bytes=config.buffer.min_free_bytes,
-                  on_step=crash_point)
+                  on_step=crash_point, mac_key=key, check=lambda m: manifest_problem(config, m), adopt=made)
     pipeline = Pipeline(config, spool, repository, keys, quarantine_seconds=config.repository.quarantine_seconds)
     service.attach(pipeline, owner)
     service.set_phase("recovering the spool")

@@ -74,10 +74,12 @@ def ignore_lease_breaks() -> None:
         _ignored = True
 
 
-def open_writers(path: Path) -> Writers:
-    """Whether `path` (never through a symlink) is open for writing; NONE if it is gone."""
+def open_writers(path: Path, dir_fd: int | None = None) -> Writers:
+    """Whether `path` (never through a symlink; with `dir_fd`, its name in that directory) is open for
+    writing; NONE if it is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path.name if dir_fd is not None else path,
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return Writers.NONE
     except OSError:
@@ -201,10 +203,10 @@ def _has_cap_lease() -> bool:
     return False
 
 
-def refuse_if_open(path: Path, recording_id: str) -> bool:
+def refuse_if_open(path: Path, recording_id: str, *, dir_fd: int | None = None) -> bool:
     """True (and one warning line) if `path` is still open for writing: the disposal leaves it alone, and
     the watcher brings it back once its writer closed it (a grown file is re-sealed as a new recording)."""
-    if open_writers(path) is not Writers.OPEN:
+    if open_writers(path, dir_fd) is not Writers.OPEN:
         return False
     log.warning("source-open-for-writing", extra={"fields": {"recording_id": recording_id, "path": str(path),
                                                               "action": "not disposed"}})

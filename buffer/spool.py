@@ -46,8 +46,12 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import hashlib
+import hmac
+import json
 import logging
 import os
+import secrets
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -68,6 +72,15 @@ SpoolStep = Literal["mid-commit", "mid-release"]
 
 class SpoolError(Exception):
     """The spool can't do what was asked (not enough room, a broken file)."""
+
+
+class ManifestRefused(SpoolError):
+    """A manifest this agent did not write, or one whose fields it refuses (planted, replayed from
+    another spool, or edited): never acted on; recovery moves it to rejected/ and reports it."""
+
+    def __init__(self, recording_id: str, reason: str) -> None:
+        super().__init__(f"manifest {recording_id}: {reason}")
+        self.recording_id, self.reason = recording_id, reason
 
 
 class SpoolFullError(SpoolError, OSError):
@@ -135,8 +148,13 @@ class Spool:
     """Ciphertext-only staging, atomic commit, the manifests' transitions, recovery and capacity."""
 
     def __init__(self, root: Path, max_bytes: int, *, min_free_bytes: int = 64 << 20,
-                 on_step: Callable[[SpoolStep], None] | None = None) -> None:
+                 on_step: Callable[[SpoolStep], None] | None = None, mac_key: bytes | None = None,
+                 check: Callable[[Manifest], str | None] | None = None, adopt: bool = False) -> None:
         self.root = root
+        self._mac_key = mac_key  # manifests are authenticated under it (None: not, for tools and unit tests)
+        self._check = check  # the agent's own checks of a manifest's fields (source under a watch, ...)
+        self._adopt = adopt  # the key is new: manifests written before it existed are taken and signed
+        self.refused = 0  # manifests refused at recovery (moved to rejected/)
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self._on_step = on_step or _no_step
@@ -144,7 +162,8 @@ class Spool:
         self._packages = root / "packages"
         self._kept = root / "kept"
         self._undisposed_dir = root / "undisposed"
-        for d in (root, self._staging, self._packages, self._kept, self._undisposed_dir):
+        self._rejected = root / "rejected"
+        for d in (root, self._staging, self._packages, self._kept, self._undisposed_dir, self._rejected):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         self._lock = threading.Lock()
@@ -318,8 +337,7 @@ class Spool:
             if rid in self._undisposed:
                 return False
         record = dataclasses.replace(manifest, last_error=f"dispose: {reason}")
-        with atomic_open(self._undisposed_dir / f"{rid}.json") as f:
-            f.write(record.to_json())
+        self._write_manifest_to(self._undisposed_dir, record)
         with self._lock:
             self._undisposed.add(rid)
         return True
@@ -341,10 +359,75 @@ class Spool:
         return self._packages / f"{recording_id}.mseal"
 
     def load(self, recording_id: str) -> Manifest | None:
+        """The manifest of `recording_id`, or None; ManifestRefused if it is not one this agent wrote."""
         try:
-            return Manifest.from_json(self._manifest_path(recording_id).read_bytes())
+            data = self._manifest_path(recording_id).read_bytes()
         except FileNotFoundError:
             return None
+        return self._parse(recording_id, data, self._packages)
+
+    def _parse(self, recording_id: str, data: bytes, directory: Path) -> Manifest:
+        """Authenticate and check a manifest file's content (DESIGN invariant 9): its MAC under the key
+        kept outside the spool, its name, and the agent's checks of its fields."""
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            mac = doc.pop("mac", None)
+            m = Manifest.from_json(data)
+        except (ValueError, TypeError) as e:
+            raise ManifestRefused(recording_id, f"unreadable: {e}") from None
+        if self._mac_key is not None:
+            if mac is None and self._adopt:
+                self._write_manifest_to(directory, m)
+                log.warning("manifest-adopted", extra={"fields": {"recording_id": recording_id}})
+            elif not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(_canonical(doc))):
+                raise ManifestRefused(recording_id, "its MAC does not verify (not written by this agent)")
+        if m.recording_id != recording_id:
+            raise ManifestRefused(recording_id, f"names another recording ({m.recording_id!r})")
+        if self._check is not None and (problem := self._check(m)) is not None:
+            raise ManifestRefused(recording_id, problem)
+        return m
+
+    def _mac(self, canonical: bytes) -> str:
+        assert self._mac_key is not None
+        return hmac.new(self._mac_key, b"mediaseal-manifest-v1\0" + canonical, hashlib.sha256).hexdigest()
+
+    def _sealed(self, m: Manifest) -> bytes:
+        """The manifest file's content: its JSON, with its MAC when the spool has a key."""
+        if self._mac_key is None:
+            return m.to_json()
+        doc = json.loads(m.to_json())
+        doc["mac"] = self._mac(_canonical(doc))
+        return _canonical(doc)
+
+    def _reject(self, recording_id: str, reason: str) -> None:
+        """Move a refused manifest (and a package under its name) to rejected/: kept as evidence and
+        for an operator, never acted on (no disposal, no delivery). Reported once, here."""
+        self.refused += 1
+        log.error("manifest-refused", extra={"fields": {"recording_id": recording_id, "reason": reason,
+                                                        "moved_to": str(self._rejected)}})
+        for name in (f"{recording_id}.json", f"{recording_id}.mseal"):
+            for d in (self._packages, self._undisposed_dir):
+                kept = self._rejected / f"{d.name}-{name}"
+                try:
+                    os.rename(d / name, kept)
+                except FileNotFoundError:
+                    continue
+                try:  # 0600 like everything in the spool; a planted symlink is dropped, never followed
+                    fd = os.open(kept, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError:
+                    kept.unlink()
+                    continue
+                try:
+                    os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
+        fsync_dir(self._rejected)
+        fsync_dir(self._packages)
+        fsync_dir(self._undisposed_dir)
+        with self._lock:
+            self._undisposed.discard(recording_id)
 
     def is_kept(self, recording_id: str) -> bool:
         """Whether `recording_id`'s source is done with and must not be sealed again: disposed with
@@ -360,8 +443,12 @@ class Spool:
             ids = sorted(self._undisposed)
         out: list[Manifest] = []
         for rid in ids:
-            with contextlib.suppress(FileNotFoundError):
-                out.append(Manifest.from_json((self._undisposed_dir / f"{rid}.json").read_bytes()))
+            try:
+                out.append(self._parse(rid, (self._undisposed_dir / f"{rid}.json").read_bytes(), self._undisposed_dir))
+            except FileNotFoundError:
+                continue
+            except ManifestRefused as e:
+                self._reject(rid, e.reason)
         return out
 
     @property
@@ -370,9 +457,15 @@ class Spool:
             return len(self._undisposed)
 
     def manifests(self) -> Iterator[Manifest]:
-        for entry in os.scandir(self._packages):
+        """Every manifest in packages/; a refused one is moved to rejected/ and reported (`_reject`)."""
+        for entry in list(os.scandir(self._packages)):
             if entry.name.endswith(".json") and not entry.name.startswith("."):
-                m = self.load(entry.name[: -len(".json")])
+                rid = entry.name[: -len(".json")]
+                try:
+                    m = self.load(rid)
+                except ManifestRefused as e:
+                    self._reject(rid, e.reason)
+                    continue
                 if m is not None:
                     yield m
 
@@ -436,9 +529,12 @@ class Spool:
                                   f"(only from {', '.join(sorted(allowed))})")
 
     def _write_manifest(self, manifest: Manifest, *, sync_dir: bool = True) -> None:
-        path = self._manifest_path(manifest.recording_id)
+        self._write_manifest_to(self._packages, manifest, sync_dir=sync_dir)
+
+    def _write_manifest_to(self, directory: Path, manifest: Manifest, *, sync_dir: bool = True) -> None:
+        path = directory / f"{manifest.recording_id}.json"
         with _full_is_named(path), atomic_open(path, sync_dir=sync_dir) as f:
-            f.write(manifest.to_json())
+            f.write(self._sealed(manifest))
 
 
 def _no_step(step: SpoolStep) -> None:
@@ -464,6 +560,33 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _sync_file_range = _load_sync_file_range()
 
-__all__ = ["SPOOLED", "STATES", "UPLOADING", "VERIFIED", "DurabilityError", "Manifest", "ManifestState",
-           "Reservation", "SourceIdentity", "Spool", "SpoolError", "SpoolFullError", "SpoolStep", "StagingFile",
-           "TransitionError"]
+__all__ = ["SPOOLED", "STATES", "UPLOADING", "VERIFIED", "DurabilityError", "Manifest", "ManifestRefused",
+           "ManifestState", "Reservation", "SourceIdentity", "Spool", "SpoolError", "SpoolFullError", "SpoolStep",
+           "StagingFile", "TransitionError", "manifest_key"]
+
+
+def manifest_key(path: Path) -> tuple[bytes, bool]:
+    """The spool's manifest key at `path`, made (32 random bytes, 0600, O_EXCL) if there is none yet.
+    Returns (key, made now). A key file of another size, or readable by others, is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        with atomic_open(path, 0o600) as f:
+            f.write(key)
+        return key, True
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise SpoolError(f"{path}: the manifest key is readable by others (mode {st.st_mode & 0o777:o}; "
+                             "chmod 600 it)")
+        key = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(key) != 32:
+        raise SpoolError(f"{path}: not a manifest key (32 bytes expected, {len(key)} found)")
+    return key, False
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

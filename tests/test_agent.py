@@ -350,7 +350,7 @@ def test_embedded_default_make_run(tmp_path: Path) -> None:
         if "drop recordings into" in lines[-1]:
             break
     base = tmp_path / "mediaseal-data"
-    assert {p.name for p in base.iterdir()} == {"capture", "buffer", "repository", "keyring"}, lines
+    assert {p.name for p in base.iterdir()} == {"capture", "buffer", "buffer.key", "repository", "keyring"}, lines
     data = os.urandom(100_000)
     drop(base / "capture", "hello.wav", data)
     for raw in proc.stderr:

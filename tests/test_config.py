@@ -48,7 +48,7 @@ pattern = "*.wav"
 recursive = false
 completion = "rename"
 dispose = "move"
-move_to = "/data/calls/done"
+move_to = "/data/calls-sealed"
 content_type = "audio/wav"
 
 [[watch]]
@@ -109,7 +109,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert isinstance(cfg.agent.rescan_seconds, float)
     calls, screens = cfg.watch
     assert calls == WatchConfig(Path("/data/calls"), "call", "*.wav", False, "rename", 2.0, ".done", "move",
-                                Path("/data/calls/done"), False, "audio/wav")
+                                Path("/data/calls-sealed"), False, "audio/wav")
     assert screens.path == tmp_path / "screens"
     assert screens.completion == "marker"
     assert screens.marker_suffix == ".ready"
@@ -169,7 +169,8 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     ("[[watch]]\npath = '/w'\ndispose = 'shred'", "config: watch[0].dispose: must be one of delete, keep, move"),
     ("[[watch]]\npath = '/w'\ndispose = 'move'", 'config: watch[0].move_to: required with dispose = "move"'),
     ("[[watch]]\npath = '/w'\nmove_to = '/m'", 'config: watch[0].move_to: only used with dispose = "move"'),
-    ("[[watch]]\npath = '/w'\ndispose = 'move'\nmove_to = '/w'", "config: watch[0].move_to: must differ from path"),
+    ("[[watch]]\npath = '/w'\ndispose = 'move'\nmove_to = '/w'", "config: watch[0].move_to: must lie outside path"),
+    ("[[watch]]\npath = '/w'\ndispose = 'move'\nmove_to = '/w/done'", "config: watch[0].move_to: must lie outside"),
     ("[[watch]]\npath = '/w'\nquiet_seconds = -1", "config: watch[0].quiet_seconds: must be >= 0"),
     ("[[watch]]\npath = '/w'\nmarker_suffix = ''", "config: watch[0].marker_suffix: must be a non-empty"),
     ("[[watch]]\npath = '/w'\ncontent_type = 'wav'", "config: watch[0].content_type: must be a media type"),

@@ -55,10 +55,13 @@ def need_strace() -> None:
         pytest.skip("strace is not installed")
 
 
-def strace(path: Path, inject: str) -> list[str]:
-    """Run the agent under strace, injecting `inject` into unlink(at) calls on `path` only."""
-    return ["strace", "-f", "-qq", "-o", os.devnull, "-P", str(path), "-e", "trace=unlink,unlinkat",
-            "-e", f"inject=unlink,unlinkat:{inject}"]
+def strace(directory: Path, inject: str, when: str) -> list[str]:
+    """Run the agent under strace, injecting `inject` into the unlinkat calls in `directory`, the `when`-th
+    of them (strace's syntax: "2", "2+"). The disposal unlinks one name at a time in a descriptor of the
+    directory (plumbing/dirfd.py), so a call is told by its place: in marker mode the marker goes first
+    (1), the source's private name second (2)."""
+    return ["strace", "-f", "-qq", "-o", os.devnull, "-P", str(directory), "-e", "trace=unlink,unlinkat",
+            "-e", f"inject=unlink,unlinkat:{inject}:when={when}"]
 
 
 def traced_pid(agent: Agent) -> int:
@@ -101,7 +104,7 @@ def test_marker_mode_kill_at_the_marker_unlink_leaves_no_marker_behind(setup: Se
     need_strace()
     first = complete(setup, "call.wav", os.urandom(300_000))
     marker = setup.capture() / "call.wav.done"
-    killed = Agent(setup, prefix=strace(marker, "error=ENOENT:signal=KILL"))
+    killed = Agent(setup, prefix=strace(marker.parent, "error=ENOENT:signal=KILL", "1"))
     assert killed.exited(timeout=120) in (-signal.SIGKILL, 128 + signal.SIGKILL), "\n".join(killed.lines[-10:])
 
     agent = Agent(setup)
@@ -156,7 +159,7 @@ def test_kill_after_verified_mid_disposal_leaves_no_plaintext(setup: Setup, tmpf
     need_strace()
     sha = complete(setup, "held.wav", os.urandom(700_000))
     grabbed = private_name(setup, "held.wav")
-    held = Agent(setup, prefix=strace(grabbed, "delay_enter=60000000"))  # 60 s on that one call
+    held = Agent(setup, prefix=strace(grabbed.parent, "delay_enter=60000000", "2"))  # 60 s on that call
     wait_until("the source is under its private name", grabbed.exists)
     manifest = setup.spool / "packages" / f"{grabbed.name[len('.mediaseal-'):-len('.disposing')]}.json"
     wait_until("the manifest says verified",
@@ -187,7 +190,7 @@ def test_private_name_of_a_released_recording_does_not_survive(setup: Setup, rec
     need_strace()
     sha = complete(setup, "stuck.wav", os.urandom(200_000))
     grabbed = private_name(setup, "stuck.wav")
-    refused = Agent(setup, prefix=strace(grabbed, "error=EACCES"))
+    refused = Agent(setup, prefix=strace(grabbed.parent, "error=EACCES", "2+"))
     refused.wait_for("delivered", timeout=60)
     os.kill(traced_pid(refused), signal.SIGTERM)  # to the agent itself: strace would only detach
     assert refused.exited(timeout=60) == 0, "\n".join(refused.lines[-10:])

@@ -468,10 +468,11 @@ def test_the_new_watch_keys_parse_and_are_checked(tmp_path: Path) -> None:
         ("completion = 'marker'\nmarker = '{path}'", "watch[0].marker: must be a path template naming"),
         ("completion = 'marker'\nmarker = '{nope}.txt'", "watch[0].marker: must be a path template naming"),
         ("marker = '{path}.done'", 'watch[0].marker: only used with completion = "marker"'),
-        ("sidecars = ['{dir}/x.xml']", "watch[0].sidecars[0]: must be a path template naming the recording"),
-        ("sidecars = ['{path}']", "watch[0].sidecars[0]: must be a path template naming the recording"),
+        ("sidecars = ['{dir}/x.xml']", "watch[0].sidecars[0]: must name a file beside the recording"),
+        ("sidecars = ['{path}']", "watch[0].sidecars[0]: must name a file beside the recording"),
+        ("sidecars = ['{dir}/../meta/{stem}.xml']", "watch[0].sidecars[0]: must name a file beside the recording"),
         ("sidecars = ['{dir}/{stem}.xml', '{dir}/{stem}.xml']", "watch[0].sidecars: at most 8, each once"),
-        ("completion = 'marker'\nsidecars = ['{path}.done']", "watch[0].sidecars[0]: must be a path template"),
+        ("completion = 'marker'\nsidecars = ['{path}.done']", "watch[0].sidecars[0]: must name a file beside"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load(bad)

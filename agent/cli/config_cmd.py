@@ -69,12 +69,13 @@ class _Warnings(logging.Handler):
 
 
 async def _check(config: Config) -> tuple[list[str], list[str]]:
+    from mediaseal.agent.config import check_layout
     from mediaseal.agent.keysource import PublicKeys
     from mediaseal.agent.readiness import probe_repository, probe_watch
     from mediaseal.agent.run import open_configured_repository
     from mediaseal.uploader import RepositoryError
 
-    problems: list[str] = []
+    problems: list[str] = check_layout(config)
     summary: list[str] = []
     for i, w in enumerate(config.watch):
         c = probe_watch(w, need_write=w.dispose in ("delete", "move"))
