@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from mediaseal.buffer.manifest import DISPOSE_MODES, DisposeMode
 from mediaseal.codec import KINDS
+from mediaseal.plumbing.media import is_passive, passive_or_octet
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -166,7 +167,7 @@ def embedded_default(base: Path) -> Config:
 def content_type_for(name: str, configured: str | None = None) -> str:
     """The media type a recording is sealed with: `[[watch]] content_type` if set, else guessed from the file
     name's extension, else application/octet-stream. The agent and `mediaseal encrypt` both ask this."""
-    return configured or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return passive_or_octet(configured or mimetypes.guess_type(name)[0])  # never an active type (plumbing/media.py)
 
 
 def parse_size(value: int | str) -> int:
@@ -411,6 +412,9 @@ class _Builder:
                       "must lie outside path (whoever writes the capture directory must not reach it)")
             self.rule(f"{at}.content_type", w.content_type is None or _MEDIA_TYPE.fullmatch(w.content_type) is not None,
                       "must be a media type such as audio/wav")
+            self.rule(f"{at}.content_type", w.content_type is None or is_passive(w.content_type)
+                      or _MEDIA_TYPE.fullmatch(w.content_type) is None,
+                      f"must be audio/*, video/* or text/plain (got {w.content_type!r}: a browser could run it)")
             for j, other in enumerate(cfg.watch[:i]):
                 self.rule(f"{at}.path", not _overlap(w.path, other.path), f"overlaps watch[{j}].path ({other.path})")
             for j, other in enumerate(cfg.watch):

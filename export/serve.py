@@ -69,6 +69,7 @@ from mediaseal.plumbing.http import (
     server_ssl_context,
     strong_etag,
 )
+from mediaseal.plumbing.media import is_passive, passive_or_octet
 from mediaseal.plumbing.notify import stop_requested
 
 __all__ = [
@@ -86,7 +87,7 @@ _RANGE_PART = re.compile(r"([0-9]*)-([0-9]*)")
 # A position longer than this is past any recording; int() refuses more than 4300 digits (CVE-2020-10735),
 # and a Range header may hold 8 KiB of them, so longer ones are read as "huge" instead of converted.
 _MAX_POSITION_DIGITS = 18
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;\s*[A-Za-z0-9_.-]+=[A-Za-z0-9_.-]+)*")
+CSP = "default-src 'none'; sandbox"
 
 
 class ServeError(Exception):
@@ -231,6 +232,7 @@ class PlaybackServer:
         app = web.Application(client_max_size=0)
         app.router.add_get("/recordings/{key:.+}", self.recording)  # HEAD too (allow_head)
         app.router.add_route("*", "/{tail:.*}", self.recording)  # everything else: authenticated, audited, 404
+        app.on_response_prepare.append(_harden)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
@@ -367,15 +369,21 @@ class PlaybackServer:
             rng = None
         headers = {
             "Accept-Ranges": "bytes", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-            "ETag": etag,
+            # Nothing served here may run: no script, no subresource, no same-origin document (finding 2).
+            "Content-Security-Policy": CSP, "ETag": etag,
         }
         if rng == UNSATISFIABLE:
             refused = _json(416, "range-not-satisfiable", f"the recording is {size} bytes")
             refused.headers.update(headers)
             refused.headers["Content-Range"] = f"bytes */{size}"
             return refused
+        # Only passive types as themselves (plumbing/media.py): the type is the producer's choice, and a
+        # recording typed text/html or image/svg+xml would be script on this origin. Anything else is a
+        # download.
         ctype = pkg.metadata.content_type
-        headers["Content-Type"] = ctype if _MEDIA_TYPE.fullmatch(ctype) else "application/octet-stream"
+        headers["Content-Type"] = passive_or_octet(ctype)
+        if not is_passive(ctype):
+            headers["Content-Disposition"] = "attachment"
         if isinstance(rng, tuple):
             first, last = rng
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
@@ -406,6 +414,12 @@ def _nameable(key: str) -> bool:
     (a file name's). Longer ones are not found, rather than a filesystem error (ENAMETOOLONG) answered 502."""
     data = key.encode("utf-8", "surrogateescape")
     return len(data) <= 1024 and all(len(seg) <= 255 for seg in data.split(b"/"))
+
+
+async def _harden(_request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, errors included: nothing in it runs, nothing is sniffed into an active type."""
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def _json(status: int, error: str, message: str) -> web.Response:

@@ -22,11 +22,13 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mediaseal.plumbing.dirfd import opened_dir
 from mediaseal.plumbing.durable import atomic_open, fsync, fsync_dir, write_all
 from mediaseal.plumbing.locations import SUFFIX, LocationError, check_relative_key
 from mediaseal.uploader.base import (
@@ -192,15 +194,29 @@ class FilesystemRepository:
         cls = PermanentRepositoryError if e.errno in _PERMANENT else TransientRepositoryError
         return cls(f"cannot read {p}: {e.strerror}")
 
-    async def size(self, key: str) -> int:
+    def _open(self, key: str) -> int:
+        """A read-only descriptor of the package under `key`, reached from the root without following a
+        symlink in any component (plumbing/dirfd.py): a link planted in the repository never leads a
+        reader (the player, an export) to a file outside it. Raises RepositoryError."""
         p = self.path(key)
         try:
-            st = await asyncio.to_thread(os.stat, p)
+            with opened_dir(self.root, p.parent) as d:
+                fd = os.open(p.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=d)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise PermanentRepositoryError(f"{p}: a symbolic link in the repository, not followed") from None
             raise self._read_error(key, p, e) from None
-        if not os.path.isfile(p):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             raise PackageNotFoundError(f"no package {self.url}/{key} (not a file)")
-        return st.st_size
+        return fd
+
+    async def size(self, key: str) -> int:
+        fd = await asyncio.to_thread(self._open, key)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     async def read(self, key: str, offset: int, length: int) -> bytes:
         return await read_all(self, key, offset, length)
@@ -208,10 +224,7 @@ class FilesystemRepository:
     async def iter_read(self, key: str, offset: int, length: int, block: int) -> AsyncGenerator[bytes, None]:
         check_range(offset, length, block)
         p = self.path(key)
-        try:
-            fd = await asyncio.to_thread(os.open, p, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise self._read_error(key, p, e) from None
+        fd = await asyncio.to_thread(self._open, key)
         try:
             pos, end = offset, offset + length
             while pos < end:
@@ -255,7 +268,9 @@ class FilesystemRepository:
                 key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
                 if key.startswith(prefix):
                     with contextlib.suppress(FileNotFoundError):
-                        found.append((key, os.stat(os.path.join(dirpath, name))))
+                        st = os.lstat(os.path.join(dirpath, name))
+                        if stat.S_ISREG(st.st_mode):  # a symlink is never a package (see `_open`)
+                            found.append((key, st))
         found.sort()
         return found
 

@@ -1,0 +1,116 @@
+"""Issue 15, findings 2 and 3: the playback server, over real HTTP on loopback, against what a producer or
+whoever writes the repository can plant. Before the fix: a recording typed `text/html` (from its
+extension, the producer's choice) or `image/svg+xml` was served as such on the player's own origin
+with no Content-Security-Policy (stored XSS against a supervisor whose browser holds the player's
+credentials), and a symlink in a file repository led the player to a package outside it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from agent_harness import Agent, Setup, drop, make_keyring, packages
+from conftest import CodecTestKek, CodecTestKeyring
+from test_playback import make_package
+from test_serve import get, tokens_file
+
+from mediaseal.agent.config import content_type_for
+from mediaseal.export.serve import PlaybackAuditLog, PlaybackServer, load_tokens
+from mediaseal.export.source import open_source
+
+ACTIVE = ["text/html", "image/svg+xml", "application/xhtml+xml", "text/javascript", "application/pdf",
+          "text/xml", "multipart/x-mixed-replace"]
+PASSIVE = ["audio/wav", "audio/ogg", "video/mp4", "text/plain"]
+
+
+@pytest.fixture
+async def player(tmp_path: Path, codec_kek: CodecTestKek,
+                 codec_keyring: type[CodecTestKeyring]) -> AsyncIterator[tuple[str, Path]]:
+    repo = tmp_path / "repository"
+    repo.mkdir()
+    source = open_source(f"file://{repo}")
+    audit = PlaybackAuditLog(tmp_path / "audit.jsonl")
+    srv = PlaybackServer(source, codec_keyring(codec_kek), audit=audit, tokens=load_tokens(tokens_file(tmp_path)))
+    runner = await srv.start("127.0.0.1", 0)
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}", repo
+    finally:
+        await runner.cleanup()
+        await source.close()
+        audit.close()
+
+
+def _plant(repo: Path, key: str, body: bytes) -> None:
+    (repo / key).parent.mkdir(parents=True, exist_ok=True)
+    (repo / key).write_bytes(body)
+
+
+@pytest.mark.parametrize("ctype", ACTIVE + PASSIVE)
+async def test_only_passive_types_are_served_as_themselves(player: tuple[str, Path], codec_kek: CodecTestKek,
+                                                           ctype: str) -> None:
+    """A package carrying an active type (made by hand: the agent no longer records one) is served as a
+    download of application/octet-stream; passive ones as themselves. Every answer says
+    `Content-Security-Policy: default-src 'none'; sandbox` and `nosniff`."""
+    url, repo = player
+    body = b"<html><script>alert(document.cookie)</script></html>"
+    _plant(repo, "call/2026/11/28/rec-1.mseal", make_package(codec_kek, body, content_type=ctype))
+    status, headers, got = await get(f"{url}/recordings/call/2026/11/28/rec-1.mseal")
+    assert status == 200 and got == body
+    assert headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    if ctype in PASSIVE:
+        assert headers["Content-Type"].split(";")[0] == ctype and "Content-Disposition" not in headers
+    else:
+        assert headers["Content-Type"].split(";")[0] == "application/octet-stream", headers
+        assert headers["Content-Disposition"] == "attachment"
+    for path in ("/recordings/call/2026/11/28/none.mseal", "/elsewhere"):  # errors carry the policy too
+        status, headers, _ = await get(url + path)
+        assert status == 404 and headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+
+
+async def test_a_symlink_in_the_file_repository_is_not_followed(player: tuple[str, Path], tmp_path: Path,
+                                                                codec_kek: CodecTestKek) -> None:
+    """Whoever writes the repository plants links: to a package outside it (a file), and a directory of
+    the key path swapped for a link to a directory outside. Neither is served; a real package is."""
+    url, repo = player
+    outside = tmp_path / "outside" / "2026" / "11" / "28"
+    outside.mkdir(parents=True)
+    (outside / "secret.mseal").write_bytes(make_package(codec_kek, b"not in the repository"))
+    _plant(repo, "call/2026/11/28/real.mseal", make_package(codec_kek, b"in the repository"))
+    (repo / "call" / "2026" / "11" / "28" / "linked.mseal").symlink_to(outside / "secret.mseal")
+    (repo / "screen").symlink_to(tmp_path / "outside")  # screen/2026/11/28/secret.mseal through a link
+    status, _, got = await get(f"{url}/recordings/call/2026/11/28/real.mseal")
+    assert (status, got) == (200, b"in the repository")
+    for key in ("call/2026/11/28/linked.mseal", "screen/2026/11/28/secret.mseal"):
+        status, _, got = await get(f"{url}/recordings/{key}")
+        assert status in (404, 502) and b"not in the repository" not in got, (key, status, got)
+
+
+def test_the_agent_never_records_an_active_type(tmp_path: Path) -> None:
+    """From the extension (the producer's choice) or the config: an active type is never recorded."""
+    for name in ("x.html", "x.svg", "x.xhtml", "x.js", "x.xml", "x.pdf"):
+        assert content_type_for(name) == "application/octet-stream", name
+    assert content_type_for("x.wav") in ("audio/wav", "audio/x-wav")
+    assert content_type_for("x.txt") == "text/plain"
+    setup = Setup(root=tmp_path, keyring=make_keyring(tmp_path / "keyring"),
+                  watches=[{"path": str(tmp_path / "capture"), "kind": "transcript", "completion": "rename",
+                            "content_type": "text/html"}])
+    agent = Agent(setup)
+    assert agent.exited() == 2
+    assert any("watch[0].content_type: must be audio/*, video/* or text/plain" in ln for ln in agent.lines)
+    setup.watches[0].pop("content_type")
+    agent = Agent(setup)
+    agent.wait_for("ready")
+    drop(setup.capture(), "transcript.html", b"<script>alert(1)</script>")
+    agent.wait_for("delivered")
+    assert agent.stop() == 0
+    from mediaseal import codec
+
+    (package,) = packages(setup.repository)
+    with open(package, "rb") as f:
+        assert codec.read_header(f).metadata.content_type == "application/octet-stream"
+    assert os.stat(package).st_size > 0
