@@ -238,6 +238,33 @@ def test_replayed_request(server: ls.LKMServer, world: dict[str, Any]) -> None:
     assert "replayed" in line["detail"]
 
 
+def test_a_captured_request_is_refused_after_a_restart(world: dict[str, Any]) -> None:
+    """Issue 15, finding 4, against the real HTTPS service: a signed unwrap is answered, captured, the
+    service restarted, and the same bytes sent again. Before, the in-memory nonce cache had forgotten
+    them and the replay was answered with the DEK."""
+    d = world["dir"]
+    cfg = ls.config(d / "restart", d / "keyring", world["pki"], world["clients"])
+    dek, w = fresh_wrap(world)
+    body = unwrap_body(w)
+    with ls.LKMServer(cfg) as first:
+        headers = signed("exp-a", "POST", "/v1/unwrap", body)
+        status, _, answer = ls.raw(first.url, "POST", "/v1/unwrap", body, headers, ls.tls_context(world["pki"]))
+        assert status == 200 and base64.b64decode(json.loads(answer)["dek"]) == dek
+    signed_at = int(headers["Authorization"].split('ts="')[1].split('"')[0])
+    while int(time.time()) <= signed_at:  # the next second: a restart is never in the same one
+        time.sleep(0.05)
+    with ls.LKMServer(cfg) as second:
+        before = second.handler_calls("unwrap")
+        line = refused(second, "unwrap", 401, "unauthenticated",
+                       ls.raw(second.url, "POST", "/v1/unwrap", body, headers, ls.tls_context(world["pki"])),
+                       before)
+        assert "before this service started" in line["detail"], line
+        # A request signed now goes through.
+        status, _, answer = ls.raw(second.url, "POST", "/v1/unwrap", body,
+                                   signed("exp-a", "POST", "/v1/unwrap", body), ls.tls_context(world["pki"]))
+        assert status == 200 and base64.b64decode(json.loads(answer)["dek"]) == dek
+
+
 def test_stale_timestamp(server: ls.LKMServer, world: dict[str, Any]) -> None:
     _, w = fresh_wrap(world)
     body = unwrap_body(w)

@@ -66,10 +66,14 @@ def test_hawk_mac_matches_the_specification_examples() -> None:
                        ext=HAWK_EXT, payload=HAWK_PAYLOAD, content_type="text/plain") == HAWK_POST_HEADER
 
 
-def _hawk_auth(now: float = HAWK_TS, **kw: object) -> Authenticator:
+def _hawk_auth(now: float = HAWK_TS, started: float | None = None, **kw: object) -> Authenticator:
+    """An authenticator whose clock says `now`, started at `started` (default: now)."""
     registry = ClientRegistry([Client("genesys", frozenset({"unwrap"}),
                                       credentials=(Credential(HAWK_ID, HAWK_KEY, "hawk"),))])
-    return Authenticator(registry, NonceCache(), clock=lambda: now, **kw)  # type: ignore[arg-type]
+    clock = [now if started is None else started]
+    auth = Authenticator(registry, NonceCache(), clock=lambda: clock[0], **kw)  # type: ignore[arg-type]
+    clock[0] = now
+    return auth
 
 
 def _facts(authorization: str | None, method: str = "GET", path: str = "/resource/1?b=1&a=2",
@@ -105,8 +109,19 @@ def test_hawk_stale_timestamp_gets_a_signed_server_time() -> None:
         _hawk_auth(now=HAWK_TS + 301).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
     challenge = e.value.headers["WWW-Authenticate"]
     assert challenge.startswith(f'Hawk ts="{HAWK_TS + 301}", tsm="') and 'error="Stale timestamp"' in challenge
-    # 300 s either way is inside the window.
-    assert _hawk_auth(now=HAWK_TS - 300).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+    # 300 s old is inside the window (for a service that was running then); ahead of the clock, only 10 s.
+    assert _hawk_auth(now=HAWK_TS + 300, started=HAWK_TS - 1).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+    assert _hawk_auth(now=HAWK_TS - 10).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+    with pytest.raises(UnauthenticatedError, match="ahead of the server clock"):
+        _hawk_auth(now=HAWK_TS - 11).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+
+
+def test_requests_signed_before_the_service_started_are_refused() -> None:
+    """Issue 15, finding 4: the nonce cache lives in the process, so a request signed before it started
+    may be a replay of one an earlier instance answered (captured, then replayed after a restart)."""
+    with pytest.raises(UnauthenticatedError, match="before this service started"):
+        _hawk_auth(now=HAWK_TS + 5, started=HAWK_TS + 1).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+    assert _hawk_auth(now=HAWK_TS + 5, started=HAWK_TS).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
 
 
 def test_hawk_payload_hash_can_be_required() -> None:
@@ -196,13 +211,25 @@ def test_modes_decide_what_a_request_must_carry() -> None:
 
 
 def test_nonce_cache_is_bounded_in_size_and_time() -> None:
-    cache = NonceCache(max_entries=2, window=300)
+    cache = NonceCache(max_entries=2, window=300, per_credential=2)
     assert cache.add("hmac", "c", "n1", 1000, 1000.0) and cache.add("hmac", "c", "n2", 1000, 1000.0)
     with pytest.raises(OverloadedError):  # full of live nonces: refuse rather than forget one
         cache.add("hmac", "c", "n3", 1000, 1000.0)
     assert not cache.add("hmac", "c", "n1", 1000, 1100.0)
     assert cache.add("hmac", "c", "n3", 1400, 1302.0)  # n1, n2 expired (ts + window passed)
     assert len(cache) == 1
+
+
+def test_one_credential_cannot_fill_the_nonce_cache_for_the_others() -> None:
+    """Issue 15, finding 5: before, one authenticated client's nonces could fill the global cache and
+    lock every other client out. Each credential now has its quota."""
+    cache = NonceCache(max_entries=100, window=300)  # a quarter each by default
+    for i in range(25):
+        assert cache.add("hmac", "flood", f"n{i}", 1000, 1000.0)
+    with pytest.raises(OverloadedError, match="this credential"):
+        cache.add("hmac", "flood", "n25", 1000, 1000.0)
+    assert all(cache.add("hmac", "other", f"n{i}", 1000, 1000.0) for i in range(25))
+    assert cache.add("hmac", "flood", "again", 1400, 1302.0)  # the flood's nonces expired: room again
 
 
 def test_cert_names_from_a_peer_certificate() -> None:

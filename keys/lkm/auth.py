@@ -262,22 +262,33 @@ def _credential(d: object, where: str, base: Path | None) -> Credential:
     return Credential(cid, secret_text.encode("utf-8"), scheme, times["not_before"], times["not_after"])
 
 
+FUTURE_SKEW = 10  # seconds a request's timestamp may be ahead of the service clock
+
 # -- the nonce cache --------------------------------------------------------------------------------
 
 
 class NonceCache:
     """Nonces seen, each kept until its timestamp falls out of the window. Bounded: full means refuse.
 
+    The cache lives in this process, so it says nothing about requests signed before the process
+    started: the authenticator refuses those (`Authenticator.started`), which closes the replay of a
+    captured request after a restart. Each credential has its own quota (`per_credential`,
+    a quarter of the whole by default): one client flooding it with fresh nonces is refused (429), the
+    others go on.
+
     Not thread-safe: the service uses it from its event loop only.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_NONCE_CACHE, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, max_entries: int = DEFAULT_NONCE_CACHE, window: int = DEFAULT_WINDOW, *,
+                 per_credential: int | None = None) -> None:
         if max_entries < 1 or window < 1:
             raise ValueError("max_entries and window must be positive")
         self.max_entries = max_entries
         self.window = window
+        self.per_credential = per_credential or max(1, max_entries // 4)
         self._seen: dict[tuple[str, str, str], float] = {}
         self._expiry: list[tuple[float, tuple[str, str, str]]] = []
+        self._count: dict[tuple[str, str], int] = {}
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -288,13 +299,21 @@ class NonceCache:
             _, key = heapq.heappop(self._expiry)
             if self._seen.get(key, now + 1) <= now:
                 del self._seen[key]
+                owner = key[:2]
+                self._count[owner] -= 1
+                if not self._count[owner]:
+                    del self._count[owner]
         key = (scheme, credential_id, nonce)
         if key in self._seen:
             return False
+        if self._count.get((scheme, credential_id), 0) >= self.per_credential:
+            raise OverloadedError("this credential's replay cache is full of live nonces; try again shortly",
+                                  retry_after=1)
         if len(self._seen) >= self.max_entries:
             raise OverloadedError("replay cache is full of live nonces; try again shortly", retry_after=1)
         expires = ts + self.window + 1  # after this, the timestamp alone rejects the request
         self._seen[key] = expires
+        self._count[(scheme, credential_id)] = self._count.get((scheme, credential_id), 0) + 1
         heapq.heappush(self._expiry, (expires, key))
         return True
 
@@ -330,6 +349,7 @@ class Authenticator:
         self.window = window
         self.require_hawk_payload_hash = require_hawk_payload_hash
         self.clock = clock
+        self.started = clock()  # requests signed before this are refused (see NonceCache)
 
     def authenticate(self, facts: RequestFacts, family: Family) -> Principal:
         if family == FAMILY_HAWK:
@@ -412,6 +432,14 @@ class Authenticator:
         now = self.clock()
         if abs(now - ts) > self.window:
             raise UnauthenticatedError(f"timestamp is outside the +/-{self.window} s window (server time {int(now)})")
+        if ts > now + FUTURE_SKEW:
+            # A future timestamp would hold its nonce in the cache for longer than the window.
+            raise UnauthenticatedError(f"timestamp is more than {FUTURE_SKEW} s ahead of the server clock "
+                                       f"(server time {int(now)})")
+        if ts < int(self.started):
+            # This process has not seen the nonces of requests signed before it started: one of them
+            # may be a replay of a request an earlier instance answered. A client signs afresh.
+            raise UnauthenticatedError("timestamp is before this service started (sign the request again)")
         if not cred.live(now):
             raise UnauthenticatedError(f"credential {cred.id} is outside its validity period")
         if not self.nonces.add(scheme, cred.id, nonce, ts, now):
