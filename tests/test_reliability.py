@@ -47,6 +47,7 @@ from reliability_support import (
 )
 from s3_support import Rule, boto3_client
 from support.mounts import TmpfsUnavailable, tmpfs
+from support.waits import wait_until
 
 from mediaseal.keys.keyring import Keyring
 
@@ -416,7 +417,10 @@ def test_s3_access_denied_then_fixed(tmp_path: Path, reliability_keyring: Path, 
         drain.append(time.monotonic() - t0)
         assert recover[-1] < quarantine + 5, f"delivery resumed {recover[-1]:.1f} s after the fix"
         assert Scrape.of(address).value("mediaseal_packages_quarantined") == 0
-        assert http_json(f"http://{address}/readyz")[0] == 200
+        # Ready again: the repository check is cached for a few seconds (its probe's cache_seconds), so
+        # it may say the last probe's 403 for that long after the first delivery.
+        wait_until(lambda: http_json(f"http://{address}/readyz")[0] == 200, what="ready again after the fix",
+                   timeout=60, detail=lambda: http_json(f"http://{address}/readyz")[1])
     assert agent.stop() == 0
     restart_and_drain(setup)
     check = check_s3(setup, ledger, moto_server.url, s3_bucket)
