@@ -11,8 +11,9 @@ VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 WHEEL   = dist/mediaseal-$(VERSION)-py3-none-any.whl
 FOLDERS := codec plumbing keys buffer uploader agent export
 # The suite's tests mostly wait (on agents, servers, producers' pauses), so four pytest-xdist workers
-# on two cores take ~40 % of the serial time (docs/BENCHMARKS.md); `make test-unit PARALLEL=` runs serially.
-PARALLEL ?= -n 4 --dist worksteal
+# on two cores take well under half the serial time (README); `make test-unit PARALLEL=` runs serially.
+# loadfile: each file runs whole, in order, on one worker (module fixtures are made once, as serially).
+PARALLEL ?= -n 4 --dist loadfile
 SOURCES := $(shell git ls-files $(FOLDERS) 2>/dev/null) pyproject.toml setup.py README.md
 
 .PHONY: run test test-unit test-hosts tools lint typecheck wheel install dev deb bench bench-peers soak clean

@@ -18,6 +18,8 @@ log line) on `[metrics] listen` serves
   the spool writable, the repository reachable recently (the last delivery attempt did not fail, and a
   file:// repository's directory is there);
 - `/status`: the live view `mediaseal status` adds to the manifests (JSON).
+`/status`, and the reason of `/readyz`, are answered to loopback peers only: they name paths and
+errors, and the listener may be bound to a container's every address.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import tempfile
@@ -354,9 +357,13 @@ class AgentService:
     async def _readyz(self, request: web.Request) -> web.Response:
         ready, body = await self.readiness()
         metrics.READY.set(1 if ready else 0)
+        if not _local(request):  # paths and error text are for this host only (issue 15, finding 17)
+            body = {"ready": ready, "reason": "ask from this host for the reason"} if not ready else {"ready": True}
         return json_response(body, status=200 if ready else 503)
 
     async def _status(self, request: web.Request) -> web.Response:
+        if not _local(request):
+            return json_response({"error": "forbidden", "message": "/status is answered to this host only"}, 403)
         ready, body = await self.readiness()
         return json_response({
             "pid": os.getpid(), "phase": self.phase, "ready": ready, "reason": body.get("reason", ""),
@@ -364,6 +371,15 @@ class AgentService:
             "quarantined": len(self._health.quarantined), "intake_paused": bool(_intake_paused()),
             "last_error": self.tracker.last_error, "status": self.status_line(),
         })
+
+
+def _local(request: web.Request) -> bool:
+    """Whether the request comes from this host (loopback): the listener may be bound to every address
+    (a container's, for Prometheus and probes), and /status and /readyz's reasons name paths and errors."""
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _spool_writable(root: Path) -> Check:

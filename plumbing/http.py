@@ -87,12 +87,15 @@ def server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None, *,
 
 
 def cert_names(peercert: Mapping[str, Any] | None) -> frozenset[str] | None:
-    """The names of a verified peer certificate (ssl.getpeercert() form): SAN DNS/URI entries and the subject CN."""
+    """The names of a verified peer certificate (ssl.getpeercert() form): its SAN DNS/URI entries, or, only
+    when it has none, its subject CN (RFC 6125 section 6.4.4: a CN beside a SAN is not an identity; a CA
+    that checks the SAN it signs may not check the CN at all)."""
     if not peercert:
         return None
     names = {value for kind, value in peercert.get("subjectAltName", ()) if kind in ("DNS", "URI")}
-    for rdn in peercert.get("subject", ()):
-        names.update(value for key, value in rdn if key == "commonName")
+    if not names:
+        for rdn in peercert.get("subject", ()):
+            names.update(value for key, value in rdn if key == "commonName")
     return frozenset(names)
 
 

@@ -419,3 +419,24 @@ def test_keys_init_refuses_an_empty_kms_key_id(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--kms-key-id" in err and "must not be empty" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "kr").exists()
+
+
+def test_decrypt_to_stdout_of_a_package_failing_late_is_named_in_help_and_exit(tmp_path: Path,
+                                                                               keyring: Path) -> None:
+    """Issue 15, finding 16: to stdout, chunks go out as each authenticates, so a package whose last chunk
+    was tampered with leaves its authenticated prefix there. That is said in --help, and the exit says
+    the rest failed; to a file, nothing appears."""
+    data = os.urandom(200_000)
+    src = tmp_path / "call.wav"
+    src.write_bytes(data)
+    pkg = tmp_path / "call.mseal"
+    assert ms("encrypt", src, "-o", pkg, "--keyring", keyring).returncode == 0
+    raw = bytearray(pkg.read_bytes())
+    raw[-1] ^= 1  # the last chunk's tag
+    pkg.write_bytes(bytes(raw))
+    r = ms("decrypt", pkg, "-o", "-", "--keyring", keyring)
+    assert r.returncode != 0 and data.startswith(r.stdout) and len(r.stdout) < len(data), (r.returncode, len(r.stdout))
+    out = tmp_path / "out.wav"
+    assert ms("decrypt", pkg, "-o", out, "--keyring", keyring).returncode != 0 and not out.exists()
+    helptext = " ".join(ms("decrypt", "--help").stdout.decode().split())
+    assert "stdout gets each chunk once it authenticated" in helptext and "exits non-zero" in helptext

@@ -479,12 +479,17 @@ def test_genesys_keypair_and_decrypt(server: ls.LKMServer, world: dict[str, Any]
     line = last_audit(server)
     assert line["operation"] == "genesys.decrypt" and line["via"] == "hawk" and line["on_behalf_of"] == "user-42"
 
-    # Without hash= too (Genesys may not send one), and Hawk's replay rules hold.
-    headers = hawk("genesys-hawk", "POST", decrypt, port)
+    # Hawk's replay rules hold.
+    headers = hawk("genesys-hawk", "POST", decrypt, port, doc)
     assert ls.raw(server.url, "POST", decrypt, doc, headers, ctx)[0] == 200
     before = server.handler_calls("genesys.decrypt")
     refused(server, "genesys.decrypt", 401, "unauthenticated", ls.raw(server.url, "POST", decrypt, doc, headers, ctx),
             before)
+    # Issue 15, finding 9: a MAC that does not cover the body (no hash=) is refused by default: whoever
+    # saw one signed request could send any body under it. (Before, it was answered.)
+    line = refused(server, "genesys.decrypt", 401, "unauthenticated",
+                   ls.raw(server.url, "POST", decrypt, doc, hawk("genesys-hawk", "POST", decrypt, port), ctx), before)
+    assert "payload hash" in line["detail"], line
 
     # OPTIONS answers without credentials (Genesys probes the endpoint with it).
     status, headers_, _ = ls.raw(server.url, "OPTIONS", decrypt, ctx=ctx)
@@ -524,7 +529,7 @@ def test_genesys_refuses_pkcs1_and_foreign_credentials(server: ls.LKMServer, wor
 
 def test_genesys_stale_hawk_gets_the_server_time(server: ls.LKMServer, world: dict[str, Any]) -> None:
     decrypt = "/key-management/v1/decrypt"
-    headers = hawk("genesys-hawk", "POST", decrypt, server.port, ts=int(time.time()) - 1000)
+    headers = hawk("genesys-hawk", "POST", decrypt, server.port, b"{}", ts=int(time.time()) - 1000)
     status, resp_headers, _ = ls.raw(server.url, "POST", decrypt, b"{}", headers, ls.tls_context(world["pki"]))
     assert status == 401 and 'error="Stale timestamp"' in resp_headers["www-authenticate"]
 

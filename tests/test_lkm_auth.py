@@ -124,9 +124,16 @@ def test_requests_signed_before_the_service_started_are_refused() -> None:
     assert _hawk_auth(now=HAWK_TS + 5, started=HAWK_TS).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
 
 
-def test_hawk_payload_hash_can_be_required() -> None:
-    with pytest.raises(UnauthenticatedError, match="hash"):
-        _hawk_auth(require_hawk_payload_hash=True).authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+def test_hawk_payload_hash_is_required_for_a_body_by_default() -> None:
+    """Issue 15, finding 9: a MAC without hash= does not cover the body, so whoever saw one request could
+    send any body under it. Required by default where there is a body; a GET has none to cover."""
+    assert _hawk_auth().authenticate(_facts(HAWK_GET_HEADER), FAMILY_HAWK)
+    with pytest.raises(UnauthenticatedError, match="payload hash"):
+        _hawk_auth().authenticate(_facts(HAWK_GET_HEADER, body=b'{"x": 1}'), FAMILY_HAWK)
+    # --hawk-allow-unhashed-body: the old behaviour, for a client that cannot send one (the MAC still
+    # covers method, resource, host, timestamp and nonce).
+    assert _hawk_auth(require_hawk_payload_hash=False).authenticate(_facts(HAWK_GET_HEADER, body=b'{"x": 1}'),
+                                                                   FAMILY_HAWK)
 
 
 @pytest.mark.parametrize("header", [
@@ -235,7 +242,9 @@ def test_one_credential_cannot_fill_the_nonce_cache_for_the_others() -> None:
 def test_cert_names_from_a_peer_certificate() -> None:
     peer = {"subject": ((("commonName", "export-1"),),), "subjectAltName": (("DNS", "export-1.example"),
                                                                           ("IP Address", "10.0.0.1"))}
-    assert cert_names(peer) == {"export-1", "export-1.example"}
+    # Issue 15, finding 10: with a SAN, the CN is not an identity (before, both were honoured).
+    assert cert_names(peer) == {"export-1.example"}
+    assert cert_names({"subject": ((("commonName", "export-1"),),)}) == {"export-1"}
     assert cert_names({}) is None and cert_names(None) is None
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import ROOT, Agent, Setup, drop
+from agent_harness import ROOT, Agent, Setup, drop, make_keyring
+from support.waits import wait_until
 
 from mediaseal.buffer.spool import Manifest
 from mediaseal.plumbing.notify import Notifier, notify_address, watchdog_seconds
@@ -393,3 +394,42 @@ def test_the_periodic_rescan_line_is_debug(setup: Setup) -> None:
     (ev,) = debug.wait_for("rescan-done")
     assert ev["level"] == "debug"
     assert debug.stop() == 0
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this host that is not loopback (a container's or a NIC's), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.254", 9))  # no packet is sent: the kernel picks the source address
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_status_and_readiness_reasons_only_to_this_host(tmp_path: Path) -> None:
+    """Issue 15, finding 17: the container binds the listener to every address (for Prometheus and
+    probes), and /status and /readyz's reasons named paths and error text to anyone who could reach it.
+    Now a peer that is not loopback gets /healthz, /readyz's verdict and /metrics, no /status, no reasons."""
+    addr = _non_loopback_address()
+    if addr is None:
+        pytest.skip("this host has no non-loopback IPv4 address to connect from")
+    setup = Setup(root=tmp_path, keyring=make_keyring(tmp_path / "keyring"),
+                  watches=[{"path": str(tmp_path / "capture"), "kind": "call", "completion": "rename"},
+                           {"path": str(tmp_path / "not-mounted"), "kind": "screen", "completion": "rename"}])
+    agent = Agent(setup, env=metrics_env({"MEDIASEAL_METRICS__LISTEN": "0.0.0.0:0"}))
+    (listening,) = agent.wait_for("metrics-listening")
+    port = listening["address"].rsplit(":", 1)[1]
+    agent.wait_for("ready")
+    (tmp_path / "not-mounted").rmdir()  # not ready now: its reason names the path
+    local, remote = f"http://127.0.0.1:{port}", f"http://{addr}:{port}"
+    wait_until(lambda: get(f"{local}/readyz")[0] == 503, what="not ready", timeout=60)
+    status, _, body = get(f"{local}/readyz")
+    assert "not-mounted" in body
+    status, _, body = get(f"{remote}/readyz")
+    assert status == 503 and "not-mounted" not in body and str(tmp_path) not in body, body
+    assert get(f"{local}/status")[0] == 200
+    status, _, body = get(f"{remote}/status")
+    assert status == 403 and str(tmp_path) not in body, body
+    assert get(f"{remote}/healthz")[0] == 200 and get(f"{remote}/metrics")[0] == 200
+    assert agent.stop() == 0

@@ -157,7 +157,9 @@ def output_options(sp: argparse.ArgumentParser, *, stdout: bool = False) -> None
     """`-o/--output` (never replaced without --force; written to a temp name and renamed when complete)."""
     sp.add_argument("-o", "--output", required=True, metavar="OUT",
                     help="output file" + (", or - for stdout" if stdout else "")
-                         + "; it appears only when complete")
+                         + "; a file appears only when complete" + (
+                             " (stdout gets each chunk once it authenticated: a package that fails further on"
+                             " leaves what came before it there, and exits non-zero)" if stdout else ""))
     sp.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
 
 

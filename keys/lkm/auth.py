@@ -339,7 +339,7 @@ class Authenticator:
     """Turns request facts into a Principal, or raises UnauthenticatedError. Never lets a request through by default."""
 
     def __init__(self, registry: ClientRegistry, nonces: NonceCache, *, mode: AuthMode | str = MODE_HMAC,
-                 window: int = DEFAULT_WINDOW, require_hawk_payload_hash: bool = False,
+                 window: int = DEFAULT_WINDOW, require_hawk_payload_hash: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
@@ -407,8 +407,9 @@ class Authenticator:
             actual = hawk_payload_hash(facts.body, facts.content_type)
             if not hmac.compare_digest(actual.encode(), params["hash"].encode()):
                 raise UnauthenticatedError("Hawk payload hash does not match the body")
-        elif self.require_hawk_payload_hash:
-            raise UnauthenticatedError("Hawk payload hash (hash=) is required")
+        elif self.require_hawk_payload_hash and facts.body:
+            # A MAC that does not cover the body lets whoever sees one request send another body under it.
+            raise UnauthenticatedError("Hawk payload hash (hash=) is required for a request with a body")
         try:
             self._fresh(SCHEME_HAWK, cred, ts, params["nonce"])
         except UnauthenticatedError as e:

@@ -51,7 +51,7 @@ class ServiceConfig:
     keyset_ttl: int = DEFAULT_TTL_SECONDS
     keyset_out: Path | None = None
     rotation_check: float = 3600.0  # seconds between schedule checks; 0 turns the hook off
-    hawk_require_payload_hash: bool = False
+    hawk_require_payload_hash: bool = True
     workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
 
     @property
@@ -91,5 +91,5 @@ def config_from_args(args: Any) -> ServiceConfig:
         replay_window=args.replay_window, max_body=args.max_body, max_batch=args.max_batch,
         rate_limit=args.rate_limit, request_timeout=args.request_timeout, keyset_ttl=args.keyset_ttl,
         keyset_out=Path(args.keyset_out) if args.keyset_out else None, rotation_check=args.rotation_check,
-        hawk_require_payload_hash=args.hawk_require_payload_hash,
+        hawk_require_payload_hash=not args.hawk_allow_unhashed_body,
     )

@@ -37,8 +37,9 @@ def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
                     help="address and port to bind, e.g. 0.0.0.0:8443")
     sp.add_argument("--genesys-keyring", type=Path, metavar="DIR",
                     help="enable the Genesys-compatible /key-management/v1 shim over this (RSA-OAEP) keyring")
-    sp.add_argument("--hawk-require-payload-hash", action="store_true",
-                    help="refuse Hawk requests that do not cover the body (hash=)")
+    sp.add_argument("--hawk-allow-unhashed-body", action="store_true",
+                    help="accept Hawk requests with a body their MAC does not cover (no hash=); by default "
+                         "they are refused, as the body could be swapped under a captured signature")
     sp.add_argument("--replay-window", type=int, default=DEFAULT_WINDOW, metavar="SECONDS",
                     help="accepted clock difference for signed requests")
     sp.add_argument("--max-body", type=int, default=256 * 1024, metavar="BYTES", help="largest request body")
