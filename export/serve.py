@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 import ssl
@@ -88,6 +89,7 @@ _RANGE_PART = re.compile(r"([0-9]*)-([0-9]*)")
 # and a Range header may hold 8 KiB of them, so longer ones are read as "huge" instead of converted.
 _MAX_POSITION_DIGITS = 18
 CSP = "default-src 'none'; sandbox"
+log = logging.getLogger("mediaseal.serve")
 
 
 class ServeError(Exception):
@@ -185,9 +187,12 @@ class PlaybackAuditLog:
         except OSError as e:
             raise ServeError(f"cannot open the audit log {path}: {e.strerror}") from None
 
-    def write(self, entry: Mapping[str, Any]) -> None:
+    def write(self, entry: Mapping[str, Any], *, durable: bool = False) -> None:
+        """Append one line; `durable`: fsynced before returning. Raises OSError (a full disk, EIO)."""
         line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
         write_all(self._fd, line.encode())
+        if durable:
+            os.fsync(self._fd)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -295,7 +300,11 @@ class PlaybackServer:
             entry["status"] = resp.status if resp is not None else 500
             entry["bytes"] = sent
             entry["ms"] = round((time.monotonic() - t0) * 1000, 1)
-            self.audit.write(entry)
+            try:
+                self.audit.write(entry)
+            except OSError as e:  # the admission line (if any) is on disk; say so where an operator looks
+                log.error("audit-failed", extra={"fields": {"path": str(self.audit.path),
+                                                            "error": e.strerror or str(e)}})
 
     async def _serve(self, request: web.Request, entry: dict[str, Any]) -> tuple[web.StreamResponse, int]:
         key = request.match_info["key"]
@@ -334,6 +343,15 @@ class PlaybackServer:
                 return self._failure(e, entry), 0
             break
         entry["served"] = f"{first}-{first + length - 1}/{pkg.plaintext_size}" if length else f"-/{pkg.plaintext_size}"
+        # Fail closed (invariant 10): the admission line is on disk before the first byte of plaintext
+        # leaves; if it cannot be written (a full disk), nothing is served.
+        try:
+            self.audit.write({**entry, "phase": "admitted"}, durable=True)
+        except OSError as e:
+            await pieces.aclose()
+            entry["error"] = f"audit log: {e.strerror or e}"
+            log.error("audit-failed", extra={"fields": {"path": str(self.audit.path), "error": e.strerror or str(e)}})
+            return _json(503, "audit", "the audit log cannot be written: nothing is served until it can"), 0
         resp = web.StreamResponse(status=status, headers=headers)
         sent = 0
         try:

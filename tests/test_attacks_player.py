@@ -7,13 +7,16 @@ credentials), and a symlink in a file repository led the player to a package out
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from agent_harness import Agent, Setup, drop, make_keyring, packages
 from conftest import CodecTestKek, CodecTestKeyring
+from support.mounts import TmpfsUnavailable, tmpfs
 from test_playback import make_package
 from test_serve import get, tokens_file
 
@@ -114,3 +117,50 @@ def test_the_agent_never_records_an_active_type(tmp_path: Path) -> None:
     with open(package, "rb") as f:
         assert codec.read_header(f).metadata.content_type == "application/octet-stream"
     assert os.stat(package).st_size > 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    try:
+        with tmpfs(tmp_path / "auditfs", 1 << 20) as mnt:
+            yield mnt
+    except TmpfsUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _fill(path: Path) -> None:
+    """Another writer takes every byte of the disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+
+
+async def test_nothing_is_served_when_the_audit_log_cannot_be_written(
+        tmp_path: Path, small_disk: Path, codec_kek: CodecTestKek, codec_keyring: type[CodecTestKeyring]) -> None:
+    """Issue 15, finding 12: with the audit log on a full disk the player streamed plaintext and logged
+    nothing. Now the admission line is written and fsynced before the first byte; if it cannot be, 503."""
+    repo = tmp_path / "repository"
+    _plant(repo, "call/2026/11/28/rec-1.mseal", make_package(codec_kek, b"plaintext of a call" * 100))
+    source = open_source(f"file://{repo}")
+    audit = PlaybackAuditLog(small_disk / "audit.jsonl")
+    srv = PlaybackServer(source, codec_keyring(codec_kek), audit=audit, tokens=load_tokens(tokens_file(tmp_path)))
+    runner = await srv.start("127.0.0.1", 0)
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}/recordings/call/2026/11/28/rec-1.mseal"
+    try:
+        _fill(small_disk / "filler")  # (the log is still empty: its first line needs a page the disk lacks)
+        status, _, body = await get(url)
+        assert status == 503 and b"plaintext" not in body and b"audit" in body, (status, body)
+        (small_disk / "filler").unlink()
+        status, _, body = await get(url)
+        assert status == 200 and body.startswith(b"plaintext of a call")
+        lines = [json.loads(x) for x in (small_disk / "audit.jsonl").read_text().splitlines()]
+        assert [d.get("phase") for d in lines] == ["admitted", None], lines  # admitted, then the outcome
+    finally:
+        await runner.cleanup()
+        await source.close()
+        audit.close()

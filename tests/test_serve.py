@@ -54,7 +54,8 @@ class Running:
         self.url, self.audit, self.bucket = url, audit, bucket
 
     def lines(self) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.audit.read_text().splitlines()]
+        """The outcome lines (one per request); the admission lines before them are `admissions()`."""
+        return [d for d in map(json.loads, self.audit.read_text().splitlines()) if d.get("phase") != "admitted"]
 
 
 @pytest.fixture
@@ -327,4 +328,5 @@ def test_cli_serve_end_to_end(tmp_path: Path, media: bytes) -> None:
         if proc.stderr is not None:
             proc.stderr.close()
     assert proc.returncode == 0
-    assert json.loads((tmp_path / "audit.jsonl").read_text())["served"] == f"1000-1999/{SIZE}"
+    admitted, outcome = map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())
+    assert admitted["phase"] == "admitted" and outcome["served"] == admitted["served"] == f"1000-1999/{SIZE}"
