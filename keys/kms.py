@@ -35,7 +35,7 @@ from mediaseal.keys.jwk import b64url_decode, b64url_encode
 T = TypeVar("T")
 
 AWS_KMS = "aws-kms"
-DEFAULT_CACHE_SECONDS = 300.0
+DEFAULT_CACHE_SECONDS = 60.0  # how long a KMS-opened key stays usable after the KMS key is disabled
 MAX_PLAINTEXT = 4096  # KMS Encrypt's limit; an RSA-4096 PKCS#8 key is about 2.4 KB
 _AAD_PREFIX = b"mediaseal-keyring/1"
 # Error codes that mean "KMS said no" (as opposed to "KMS could not be reached").

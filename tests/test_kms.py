@@ -127,6 +127,35 @@ def test_kms_keyring_revocation_within_the_cache_ttl(kms, tmp_path) -> None:
     assert json.loads((path / "private" / f"{new.kid}.json").read_bytes())["kdf"] == "aws-kms"
 
 
+def test_the_lkm_key_store_honours_the_kms_cache_ttl(kms, tmp_path) -> None:
+    """Issue 15, finding 7: the LKM's key store kept KMS-opened private keys for ever, so disabling the KMS
+    key did not stop unwraps. Now KMS is asked again after `--kms-cache-seconds`: unwraps stop, then
+    resume when the key is enabled again."""
+    import functools
+
+    from mediaseal.keys.lkm.keystore import KeyStore, open_keyring
+
+    path = tmp_path / "keyring"
+    ring = Keyring.init(path, None, kms_key_id=kms["alias"])
+    dek = os.urandom(32)
+    wrap = codec.wrap_dek(dek, ring.public_key(ring.current().kid), ring.current().kid, ring.current().alg)
+    ttl = 3.0
+    store = KeyStore(path, None, loader=functools.partial(open_keyring, kms_cache_seconds=ttl))
+    assert store.unwrap(wrap) == dek
+    kms["client"].disable_key(KeyId=kms["id"])
+
+    def refused() -> KmsRefusedError | None:
+        try:
+            store.unwrap(wrap)
+        except KmsRefusedError as e:
+            return e
+        return None
+
+    wait_until(refused, timeout=ttl + 120, interval=0.2, what="unwraps to stop after the KMS key was disabled")
+    kms["client"].enable_key(KeyId=kms["id"])
+    assert store.unwrap(wrap) == dek
+
+
 def test_encryption_context_binds_envelope_to_key_and_purpose(kms, tmp_path) -> None:
     path = tmp_path / "keyring"
     ring = Keyring.init(path, None, kms_key_id=kms["arn"])

@@ -16,6 +16,7 @@ from typing import Any
 
 from mediaseal.keys.keyring import passphrase_from
 from mediaseal.keys.keyset import DEFAULT_TTL_SECONDS
+from mediaseal.keys.kms import DEFAULT_CACHE_SECONDS
 from mediaseal.keys.lkm.auth import MODES, AuthMode
 from mediaseal.keys.lkm.errors import LKMConfigError
 from mediaseal.plumbing.http import HANDSHAKE_SECONDS, KEEPALIVE_SECONDS
@@ -39,6 +40,7 @@ class ServiceConfig:
     genesys_keyring: Path | None = None
     replay_window: int = 300
     nonce_cache_size: int = 100_000
+    kms_cache_seconds: float = DEFAULT_CACHE_SECONDS  # a KMS-protected keyring: KMS is asked again after this
     max_body: int = 256 * 1024
     max_batch: int = 256
     rate_limit: float = 200.0  # requests per second per client (burst: twice that); 0 turns it off
@@ -91,5 +93,5 @@ def config_from_args(args: Any) -> ServiceConfig:
         replay_window=args.replay_window, max_body=args.max_body, max_batch=args.max_batch,
         rate_limit=args.rate_limit, request_timeout=args.request_timeout, keyset_ttl=args.keyset_ttl,
         keyset_out=Path(args.keyset_out) if args.keyset_out else None, rotation_check=args.rotation_check,
-        hawk_require_payload_hash=not args.hawk_allow_unhashed_body,
+        hawk_require_payload_hash=not args.hawk_allow_unhashed_body, kms_cache_seconds=args.kms_cache_seconds,
     )

@@ -1,4 +1,5 @@
-"""The key service's side of a keyring: private keys opened once, kept in memory, never handed out.
+"""The key service's side of a keyring: private keys opened on use, kept as long as their protection
+allows (KMS: `cache_seconds`), never handed out.
 
 >>> store = KeyStore(Path("/var/lib/mediaseal-lkm/keyring"), passphrase)
 >>> dek = store.unwrap(Wrap(kid, "RSA-OAEP-256", wrapped))        # LKMUnknownKeyError / UnwrapFailedError
@@ -24,6 +25,7 @@ from mediaseal.codec.wrap import oaep_padding
 from mediaseal.keys.errors import KeyStateError, UnknownKeyError
 from mediaseal.keys.keyring import KeyRecord, Keyring
 from mediaseal.keys.keyset import ENCRYPTABLE_STATES, RETIRED
+from mediaseal.keys.kms import DEFAULT_CACHE_SECONDS, KmsOptions
 from mediaseal.keys.lkm.errors import BadRequestError, ConflictError, LKMUnknownKeyError, UnwrapFailedError
 
 T = TypeVar("T")
@@ -39,13 +41,14 @@ class PrivateKeySource(Protocol):
 KeyLoader = Callable[[Path, bytes | None], tuple[Keyring, PrivateKeySource]]
 
 
-def open_keyring(path: Path, passphrase: bytes | None) -> tuple[Keyring, PrivateKeySource]:
+def open_keyring(path: Path, passphrase: bytes | None, *,
+                 kms_cache_seconds: float = DEFAULT_CACHE_SECONDS) -> tuple[Keyring, PrivateKeySource]:
     """Open a managed keyring and check its secret (on the current key). The one place private keys come from.
 
     This is the seam for other protections: a KMS-protected keyring returns its own PrivateKeySource
     (and is selected here once `keys` knows how to open one).
     """
-    ring = Keyring.open(path)
+    ring = Keyring.open(path, kms=KmsOptions(cache_seconds=kms_cache_seconds))
     return ring, ring.unlock(passphrase)
 
 
@@ -61,7 +64,6 @@ class KeyStore:
         self._passphrase = passphrase
         self._loader = loader
         self._lock = threading.RLock()
-        self._private: dict[str, rsa.RSAPrivateKey] = {}
         self._signature: tuple[int, int, int] | None = None
         self._ring, self._source = self._open()
 
@@ -89,7 +91,7 @@ class KeyStore:
     def refresh(self) -> bool:
         """Reload if keyring.json changed since it was read; True if the keys did (not only the key set serial).
 
-        Opened private keys are kept. Publishing changes keyring.json too (the serial), so two services
+        Keys are opened again from the new source. Publishing changes keyring.json too (the serial), so two services
         sharing a keyring would otherwise set each other republishing for ever.
         """
         with self._lock:
@@ -120,12 +122,11 @@ class KeyStore:
         return rec
 
     def private_key(self, kid: str) -> rsa.RSAPrivateKey:
-        key = self._private.get(kid)
-        if key is None:
-            with self._lock:
-                key = self._private.get(kid) or self._source.private_key(kid)
-                self._private[kid] = key
-        return key
+        # The source keeps what it opened for as long as its protection allows: for ever under a passphrase,
+        # `cache_seconds` under KMS (then KMS is asked again, so disabling the KMS key stops unwraps within
+        # that time). A cache of its own here kept KMS-opened keys for ever (issue 15, finding 7).
+        with self._lock:
+            return self._source.private_key(kid)
 
     # -- the operations ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mediaseal.keys.keyset import DEFAULT_TTL_SECONDS
+from mediaseal.keys.kms import DEFAULT_CACHE_SECONDS
 from mediaseal.keys.lkm.auth import DEFAULT_WINDOW, MODES
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
                     help="address and port to bind, e.g. 0.0.0.0:8443")
     sp.add_argument("--genesys-keyring", type=Path, metavar="DIR",
                     help="enable the Genesys-compatible /key-management/v1 shim over this (RSA-OAEP) keyring")
+    sp.add_argument("--kms-cache-seconds", type=float, default=DEFAULT_CACHE_SECONDS, metavar="S",
+                    help="a KMS-protected keyring: how long an opened key is used before KMS is asked again "
+                         "(disabling the KMS key stops unwraps within this time)")
     sp.add_argument("--hawk-allow-unhashed-body", action="store_true",
                     help="accept Hawk requests with a body their MAC does not cover (no hash=); by default "
                          "they are refused, as the body could be swapped under a captured signature")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -61,14 +62,14 @@ class LKMService:
     """The service: key stores, the gate and handlers, the audit log, and the HTTPS listener (KeyWork)."""
 
     def __init__(self, config: ServiceConfig, *, clock: Callable[[], float] = time.time,
-                 loader: KeyLoader = open_keyring) -> None:
+                 loader: KeyLoader | None = None) -> None:
         config.check()
         self.config = config
         self.clock = clock
         self.stats: Counter[str] = Counter()  # handler:<operation> each time a handler runs; outcome:<code>
         self.admin_lock = asyncio.Lock()
         self.keyset = PublishedKeySet()
-        self._loader = loader
+        self._loader = loader or functools.partial(open_keyring, kms_cache_seconds=config.kms_cache_seconds)
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="lkm-crypto")
         self._queued = 0
         self._tasks: list[asyncio.Task[None]] = []
