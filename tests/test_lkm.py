@@ -265,6 +265,25 @@ def test_a_captured_request_is_refused_after_a_restart(world: dict[str, Any]) ->
         assert status == 200 and base64.b64decode(json.loads(answer)["dek"]) == dek
 
 
+def test_tls_1_2_offers_only_aead_suites(server: ls.LKMServer, world: dict[str, Any]) -> None:
+    """Issue 15, finding 11: TLS 1.2 accepted two CBC suites. A client offering only CBC (or only
+    non-forward-secret) suites is refused at the handshake; one offering AES-GCM gets it."""
+    import ssl
+
+    for ciphers in ("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256:"
+                    "ECDHE-RSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA",
+                    "AES128-GCM-SHA256:AES256-GCM-SHA384"):
+        ctx = ls.tls_context(world["pki"])
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(ciphers)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            ls.raw(server.url, "GET", "/v1/keyset", ctx=ctx)
+    ctx = ls.tls_context(world["pki"])
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+    assert ls.raw(server.url, "GET", "/v1/keyset", ctx=ctx)[0] == 200
+
+
 def test_stale_timestamp(server: ls.LKMServer, world: dict[str, Any]) -> None:
     _, w = fresh_wrap(world)
     body = unwrap_body(w)

@@ -278,6 +278,32 @@ not_after = "2099-01-01T00:00:00Z"
     found = reg.by_credential("b")
     assert found is not None and found[1].secret == b"q" * 40 and "q" * 40 not in repr(found[1])
     assert reg.by_cert_names({"export-1.example"}) is not None
+    # Issue 15, finding 11: a secret_file others may read is refused, like the clients file (before: read).
+    os.chmod(tmp_path / "s", 0o644)
+    with pytest.raises(LKMConfigError, match="secret_file"):
+        ClientRegistry.load(toml)
+
+
+def test_an_unknown_credential_id_costs_what_a_known_one_does() -> None:
+    """Issue 15, finding 11: an unknown id was refused before any MAC, so a request with a large body
+    answered measurably faster for unknown ids than for known ones (which ids exist leaked by time).
+    Interleaved medians of 1 MiB bodies: the unknown path must cost at least half the known one."""
+    import statistics
+    import time
+
+    body = os.urandom(1 << 20)
+    auth = Authenticator(_registry(), NonceCache(), mode=MODE_HMAC)
+    known = _signed("exp-old", b"not the secret, but long enough", body)
+    unknown = _signed("nobody", b"not the secret, but long enough", body)
+    times: dict[str, list[float]] = {"known": [], "unknown": []}
+    for _ in range(40):
+        for name, facts in (("known", known), ("unknown", unknown)):
+            t0 = time.perf_counter()
+            with pytest.raises(UnauthenticatedError):
+                auth.authenticate(facts, FAMILY_V1)  # both refused: a wrong secret for exp-old, no such id
+            times[name].append(time.perf_counter() - t0)
+    ratio = statistics.median(times["unknown"]) / statistics.median(times["known"])
+    assert ratio > 0.5, f"unknown ids answer in {ratio:.2f}x the time of known ones"
 
 
 @pytest.mark.parametrize(("doc", "match"), [

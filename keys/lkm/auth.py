@@ -241,9 +241,12 @@ def _credential(d: object, where: str, base: Path | None) -> Credential:
         secret_path = Path(str(d["secret_file"]))
         if base is not None and not secret_path.is_absolute():
             secret_path = base / secret_path
-        try:
-            secret_text = secret_path.read_text("utf-8").removesuffix("\n")
-        except (OSError, UnicodeDecodeError) as e:
+        try:  # refused if others may read it, as the clients file is (issue 15, finding 11)
+            raw = read_credentials_file(secret_path, "secret_file", forbidden=0o007, fix="chmod 0640 or 0600")
+            secret_text = raw.decode("utf-8").removesuffix("\n")
+        except CredentialsFileError as e:
+            raise LKMConfigError(f"{where} ({cid}): {e}") from None
+        except UnicodeDecodeError as e:
             raise LKMConfigError(f"{where} ({cid}): can't read secret_file {secret_path}: {e}") from None
     else:
         secret_text = d["secret"]
@@ -262,6 +265,7 @@ def _credential(d: object, where: str, base: Path | None) -> Credential:
     return Credential(cid, secret_text.encode("utf-8"), scheme, times["not_before"], times["not_after"])
 
 
+_DUMMY_SECRET = b"\0" * 32  # the MAC an unknown credential id costs (never compared with anything)
 FUTURE_SKEW = 10  # seconds a request's timestamp may be ahead of the service clock
 
 # -- the nonce cache --------------------------------------------------------------------------------
@@ -379,7 +383,7 @@ class Authenticator:
 
     def _hmac(self, facts: RequestFacts) -> tuple[Client, str]:
         params = parse_authorization(facts.authorization or "", HMAC_AUTH_SCHEME, required={"id", "ts", "nonce", "sig"})
-        client, cred = self._credential(params["id"], SCHEME_HMAC)
+        client, cred = self._credential(params["id"], SCHEME_HMAC, facts)
         ts = _timestamp(params["ts"])
         nonce = params["nonce"]
         if not _NONCE.fullmatch(nonce):
@@ -395,7 +399,7 @@ class Authenticator:
     def _hawk(self, facts: RequestFacts) -> Principal:
         params = parse_authorization(facts.authorization or "", "Hawk", required={"id", "ts", "nonce", "mac"},
                                      optional={"hash", "ext", "app", "dlg"})
-        client, cred = self._credential(params["id"], SCHEME_HAWK)
+        client, cred = self._credential(params["id"], SCHEME_HAWK, facts)
         ts = _timestamp(params["ts"])
         host, port = split_host(facts.host, facts.default_port)
         expected = hawk_mac(cred.secret, hawk_normalized(
@@ -422,10 +426,12 @@ class Authenticator:
 
     # -- shared ------------------------------------------------------------------------------------
 
-    def _credential(self, credential_id: str, scheme: str) -> tuple[Client, Credential]:
+    def _credential(self, credential_id: str, scheme: str, facts: RequestFacts) -> tuple[Client, Credential]:
         found = self.registry.by_credential(credential_id)
         if found is None or found[1].scheme != scheme:
-            # Same words as a bad MAC: which credential ids exist is not for strangers to learn.
+            # Same words as a bad MAC: which credential ids exist is not for strangers to learn. Nor the
+            # time: a known id costs a MAC over the body, so an unknown one costs the same (finding 11).
+            hmac_signature(_DUMMY_SECRET, credential_id, 0, "0", facts.method, facts.path_qs, facts.body)
             raise UnauthenticatedError("signature does not verify (or unknown credential)")
         return found
 
