@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -45,7 +46,7 @@ import re
 import ssl
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +82,12 @@ __all__ = [
 DEFAULT_PORT = 8750
 OPEN_SECONDS = 30.0  # how long an opened package (its derived keys, in memory only) is reused
 OPEN_MAX = 64
+# Readers that stop reading hold a response's buffers (~4.7 MiB each) for as long as they like: each
+# write must complete within WRITE_SECONDS, one principal streams at most PER_READER responses at once
+# and the server at most STREAMS_MAX (issue 15, finding 13).
+WRITE_SECONDS = 30.0
+PER_READER = 8
+STREAMS_MAX = 256
 MIN_TOKEN_CHARS = 32
 UNSATISFIABLE = "unsatisfiable"
 # ASCII digits only (RFC 9110's DIGIT): `\d` would also take other scripts' digits, which int() reads.
@@ -206,7 +213,8 @@ class PlaybackServer:
     def __init__(self, source: PackageSource, unwrapper: codec.Unwrapper, *, audit: PlaybackAuditLog,
                  tokens: list[tuple[str, bytes]] | None = None, mtls: bool = False,
                  open_seconds: float = OPEN_SECONDS, open_max: int = OPEN_MAX,
-                 keepalive_timeout: float = KEEPALIVE_SECONDS) -> None:
+                 keepalive_timeout: float = KEEPALIVE_SECONDS, write_seconds: float = WRITE_SECONDS,
+                 per_reader: int = PER_READER, streams_max: int = STREAMS_MAX) -> None:
         if not tokens and not mtls:
             raise ServeError("refusing to serve without authentication: give a tokens file and/or a client CA (mTLS)")
         self.source, self.unwrapper, self.audit = source, unwrapper, audit
@@ -216,6 +224,8 @@ class PlaybackServer:
         self._opened: OrderedDict[str, tuple[float, RemotePackage]] = OrderedDict()
         self.open_seconds, self.open_max = open_seconds, open_max
         self.keepalive_timeout = keepalive_timeout
+        self.write_seconds, self.per_reader, self.streams_max = write_seconds, per_reader, streams_max
+        self._streams: Counter[str] = Counter()  # principal -> responses it is being streamed now
 
     async def package(self, key: str) -> RemotePackage:
         now = time.monotonic()
@@ -294,7 +304,21 @@ class PlaybackServer:
             if "key" not in request.match_info or request.method not in ("GET", "HEAD"):
                 resp = _json(404, "not-found", "only GET/HEAD /recordings/<key> is served here")
                 return resp
-            resp, sent = await self._serve(request, entry)
+            if self._streams[who] >= self.per_reader:
+                resp = _json(429, "too-many-streams", f"at most {self.per_reader} recordings at once per reader")
+                resp.headers["Retry-After"] = "1"
+                return resp
+            if sum(self._streams.values()) >= self.streams_max:
+                resp = _json(503, "busy", "the server streams as many recordings as it may; try again shortly")
+                resp.headers["Retry-After"] = "1"
+                return resp
+            self._streams[who] += 1
+            try:
+                resp, sent = await self._serve(request, entry)
+            finally:
+                self._streams[who] -= 1
+                if not self._streams[who]:
+                    del self._streams[who]
             return resp
         finally:
             entry["status"] = resp.status if resp is not None else 500
@@ -359,7 +383,13 @@ class PlaybackServer:
             if request.method == "HEAD":
                 return resp, 0
             while piece:
-                await resp.write(piece)
+                try:
+                    await asyncio.wait_for(resp.write(piece), self.write_seconds)
+                except TimeoutError:  # a reader that stopped reading: its buffers are not held for ever
+                    entry["error"] = f"reader stalled for {self.write_seconds:g} s after {sent} bytes: closed"
+                    if request.transport is not None:
+                        request.transport.close()
+                    return resp, sent
                 sent += len(piece)
                 piece = await anext(pieces, b"")
         except (codec.CodecError, SourceError) as e:

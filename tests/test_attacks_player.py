@@ -18,7 +18,7 @@ from agent_harness import Agent, Setup, drop, make_keyring, packages
 from conftest import CodecTestKek, CodecTestKeyring
 from support.mounts import TmpfsUnavailable, tmpfs
 from test_playback import make_package
-from test_serve import get, tokens_file
+from test_serve import TOKEN, get, tokens_file
 
 from mediaseal.agent.config import content_type_for
 from mediaseal.export.serve import PlaybackAuditLog, PlaybackServer, load_tokens
@@ -164,3 +164,53 @@ async def test_nothing_is_served_when_the_audit_log_cannot_be_written(
         await runner.cleanup()
         await source.close()
         audit.close()
+
+
+async def test_readers_that_stop_reading_are_bounded(tmp_path: Path, codec_kek: CodecTestKek,
+                                                     codec_keyring: type[CodecTestKeyring]) -> None:
+    """Issue 15, finding 13: authenticated readers that stop reading were kept for ever (~4.7 MiB each).
+    Now a reader streams at most `per_reader` recordings at once (429 past that) and a write that does not
+    complete within `write_seconds` closes the connection, which frees the reader's share again."""
+    import asyncio
+
+    repo = tmp_path / "repository"
+    _plant(repo, "call/2026/11/28/big.mseal", make_package(codec_kek, os.urandom(24 << 20)))
+    source = open_source(f"file://{repo}")
+    audit = PlaybackAuditLog(tmp_path / "audit.jsonl")
+    srv = PlaybackServer(source, codec_keyring(codec_kek), audit=audit, tokens=load_tokens(tokens_file(tmp_path)),
+                         per_reader=2, write_seconds=2.0)
+    runner = await srv.start("127.0.0.1", 0)
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}/recordings/call/2026/11/28/big.mseal"
+    stalled = []
+    try:
+        for _ in range(2):  # two requests whose answers are never read
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET /recordings/call/2026/11/28/big.mseal HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the answer started: this reader holds a stream
+            stalled.append((reader, writer))
+        status, _, _ = await get(url, headers={"Range": "bytes=0-99"})
+        assert status == 429, status
+        for reader, _ in stalled:  # the server gives up on them: their connections end
+            await asyncio.wait_for(_drain_until_closed(reader), timeout=120)
+        status, _, body = await get(url, headers={"Range": "bytes=0-99"})
+        assert status == 206 and len(body) == 100
+        assert "stalled" in (tmp_path / "audit.jsonl").read_text()
+    finally:
+        for _, writer in stalled:
+            writer.close()
+        await runner.cleanup()
+        await source.close()
+        audit.close()
+
+
+async def _drain_until_closed(reader: object) -> None:
+    """Read nothing for a while (the stall), then whatever is buffered until the server closes."""
+    import asyncio
+
+    assert isinstance(reader, asyncio.StreamReader)
+    await asyncio.sleep(3)  # longer than write_seconds: the stall the server must end
+    while await reader.read(1 << 20):
+        pass

@@ -41,6 +41,7 @@ from hostile_support import Outcome, ServerProcess, connect, exchange
 from reliability_support import SOAK, Hostile, hostile, sized
 
 from mediaseal import codec
+from mediaseal.export.serve import PER_READER
 from mediaseal.keys.keyring import Keyring
 from mediaseal.keys.lkm.auth import hawk_header, sign_request
 from mediaseal.keys.lkm.genesys import keypair_id
@@ -58,6 +59,7 @@ PER_STALLED_READER = 6 * MiB  # a reader that stopped reading: the 1 MiB chunk b
 WORKERS = 4
 SOAK_TIMEOUT = 1800 if SOAK else 300  # seconds per test (pytest-timeout); the soak form runs minutes
 TOKEN = "hostile-playback-token-" + "p" * 24
+READER_TOKEN = "hostile-stalled-readers-" + "r" * 24  # the readers that stop reading: their own principal
 PASSPHRASE = "hostile test passphrase"
 KEY = "call/2026/11/28/hostile-1.mseal"
 LONG_KEY = "call/2026/11/28/hostile-long.mseal"
@@ -437,11 +439,11 @@ class Playback(Target):
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def request(self, method: str = "GET", path: str | None = None, headers: bytes = b"", body: bytes | None = None,
-                auth: bool = True, version: bytes = b"HTTP/1.1", length: bool = True) -> bytes:
+                auth: bool = True, version: bytes = b"HTTP/1.1", length: bool = True, token: str = TOKEN) -> bytes:
         body = body or b""
         head = f"{method} {path or '/recordings/' + KEY} ".encode() + version + b"\r\nHost: localhost\r\n"
         if auth:
-            head += f"Authorization: Bearer {TOKEN}\r\n".encode()
+            head += f"Authorization: Bearer {token}\r\n".encode()
         if body and length:
             head += f"Content-Length: {len(body)}\r\n".encode()
         return head + headers + b"\r\n" + body
@@ -499,7 +501,7 @@ def playback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playback]:
         (d / "repo" / key).parent.mkdir(parents=True, exist_ok=True)
         (d / "repo" / key).write_bytes(out.getvalue())
     tokens = d / "tokens"
-    tokens.write_text(f"hostile:{TOKEN}\n")
+    tokens.write_text(f"hostile:{TOKEN}\nreaders:{READER_TOKEN}\n")
     tokens.chmod(0o600)
     srv = ServerProcess.start("playback", {
         "repository": f"file://{d / 'repo'}", "audit_log": d / "audit.jsonl", "tokens_file": tokens,
@@ -672,14 +674,14 @@ def test_playback_slow_clients(playback: Playback) -> None:
         trickle = pool.submit(exchange, t.port, [t.request(headers=b"Content-Length: 40\r\n")] + [b"x"] * 40,
                               gap=0.1, timeout=BOUND, body=True)
         idle = [socket.create_connection(("127.0.0.1", t.port)) for _ in range(n_idle)]
-        readers = []
+        readers, heads = [], []
         for _ in range(n_readers):  # ask for the whole long recording, read only the start of the answer
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
             s.connect(("127.0.0.1", t.port))
-            s.sendall(t.request(path=f"/recordings/{LONG_KEY}"))
+            s.sendall(t.request(path=f"/recordings/{LONG_KEY}", token=READER_TOKEN))
             readers.append(s)
-        heads = [s.recv(4096) for s in readers]
+            heads.append(s.recv(4096))  # its answer has started (or was refused) before the next asks
         idle_closed = wait_all_closed(idle, limit)
         stalled_rss = t.srv.rss()
         for s in idle + readers:
@@ -687,9 +689,11 @@ def test_playback_slow_clients(playback: Playback) -> None:
         times = [f.result() for f in [*loris, partial]]
         trickled = trickle.result()
     loop.stop()
-    for h in heads:
-        if not h.startswith(b"HTTP/1.1 200"):
-            row.failures.add(f"slow reader: answered {h[:12]!r}")
+    # One principal streams at most PER_READER answers at once (issue 15, finding 13): the rest are refused.
+    for i, h in enumerate(heads):
+        want = b"HTTP/1.1 200" if i < PER_READER else b"HTTP/1.1 429"
+        if not h.startswith(want):
+            row.failures.add(f"slow reader {i}: answered {h[:12]!r}, not {want!r}")
     for took in times + idle_closed:
         if took is None:
             row.failures.add(f"a slow or idle connection was still open after {limit:g} s")
@@ -701,7 +705,8 @@ def test_playback_slow_clients(playback: Playback) -> None:
     memory = server_checks(row, t, mark, peak, n_readers * PER_STALLED_READER
                            + (n_loris + n_idle + 2) * PER_CONNECTION // 8)  # plain HTTP: no TLS buffer
     finish(row, f"raw sockets: {n_loris} slowloris and 1 endless request line (a byte per 0.2 s), {n_idle} idle "
-                f"connections, a trickled body, {n_readers} readers stalled on a 24 MiB answer (server RSS then "
+                f"connections, a trickled body, {n_readers} readers stalled on a 24 MiB answer ({PER_READER} streamed, "
+                f"the rest 429; server RSS then "
                 f"{stalled_rss / MiB:.0f} MiB), {loop.count} valid GETs meanwhile (slowest {loop.slowest:.2f} s); "
                 f"keep-alive bound {KEEPALIVE:g} s", memory)
 
