@@ -111,6 +111,7 @@ class KeysConfig:
     ca_bundle: Path | None = None  # PEM CA certificates for an https:// keyset (instead of the system CAs)
     refresh_seconds: float = 60.0
     max_staleness_seconds: float = 7 * 86400.0
+    min_serial: int = 0  # key sets with a lower serial are refused, even by a fresh agent (raise it at rotations)
 
 
 @dataclass(frozen=True)
@@ -432,6 +433,8 @@ class _Builder:
                   "only used with an https:// keys.keyset")
         self.positive("keys.refresh_seconds", k.refresh_seconds)
         self.positive("keys.max_staleness_seconds", k.max_staleness_seconds)
+        self.rule("keys.min_serial", k.min_serial >= 0 and (k.min_serial == 0 or k.keyset is not None),
+                  "must be >= 0, and is only used with keys.keyset")
         repo_dir = self.url(r.url)
         self.range("repository.concurrency", r.concurrency, 1, 64)
         self.rule("repository.endpoint_url", r.endpoint_url is None or _http_url(r.endpoint_url),

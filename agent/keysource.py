@@ -63,7 +63,7 @@ class PublicKeys:
             source = open_keyset_source(self.config.keyset, ca_bundle=self.config.ca_bundle)
         except ValueError as e:
             raise NoValidKeyError(str(e)) from None
-        follower = KeySetFollower(source, signer, cache=self.cache)
+        follower = KeySetFollower(source, signer, cache=self.cache, min_serial=self.config.min_serial)
         try:
             restored = follower.restore()
         except KeysError as e:  # unreadable, tampered, expired: fetched afresh (and then overwritten)

@@ -215,10 +215,14 @@ def open_keyset_source(spec: str, *, ca_bundle: Path | None = None, endpoint_url
 class KeySetFollower:
     """The last valid key set from one source, refreshed on request (see the module docstring)."""
 
-    def __init__(self, source: KeySetSource, signer: ed25519.Ed25519PublicKey, *, cache: Path | None = None) -> None:
+    def __init__(self, source: KeySetSource, signer: ed25519.Ed25519PublicKey, *, cache: Path | None = None,
+                 min_serial: int = 0) -> None:
         self.source = source
         self.signer = signer
         self.cache = cache
+        # A floor kept outside the spool (the agent's config): a fresh agent, or one whose spool was wiped,
+        # has no set to compare with and would take any older validly signed one (issue 15, finding 15).
+        self.min_serial = min_serial
         self.keyset: KeySet | None = None  # the set in use: the last one that passed every check
         self.etag: str | None = None
         self.digest: str | None = None  # SHA-256 of the document in use
@@ -236,10 +240,16 @@ class KeySetFollower:
         except OSError as e:
             raise KeySetSourceError(f"saved key set {self.cache}: {e.strerror}") from None
         _check_size(data, str(self.cache))
-        keyset = verify_keyset(data, self.signer, now=now or datetime.now(UTC))
+        keyset = self._floor(verify_keyset(data, self.signer, now=now or datetime.now(UTC)), str(self.cache))
         self.keyset, self.etag = keyset, None
         self.digest = hashlib.sha256(data).hexdigest()
         self.confirmed_at = min(mtime, (now or datetime.now(UTC)).timestamp())
+        return keyset
+
+    def _floor(self, keyset: KeySet, where: str) -> KeySet:
+        if keyset.serial < self.min_serial:
+            raise KeySetRollbackError(f"key set from {where} has serial {keyset.serial}, below the configured "
+                                      f"keys.min_serial {self.min_serial}: refused (rollback)")
         return keyset
 
     def _save(self, data: bytes) -> None:
@@ -268,7 +278,7 @@ class KeySetFollower:
                                          f" at {format_time(self.keyset.expires_at)} and was not replaced")
             self._confirmed()
             return self.keyset
-        keyset = verify_keyset(fetched.data, self.signer, now=now)
+        keyset = self._floor(verify_keyset(fetched.data, self.signer, now=now), self.source.location)
         if self.keyset is not None and keyset.serial < self.keyset.serial:
             raise KeySetRollbackError(f"key set from {self.source.location} has serial {keyset.serial}, lower than"
                                       f" the serial {self.keyset.serial} in use: refused (rollback)")

@@ -326,6 +326,30 @@ async def test_saved_key_set_survives_a_restart_with_its_serial(server, ca, ring
     assert cache.read_bytes() == second  # and not saved over the newer one
 
 
+async def test_a_fresh_agent_refuses_a_set_below_the_configured_min_serial(server, ca, ring, tmp_path) -> None:
+    """Issue 15, finding 15: a fresh agent (or one whose spool, with its saved set, was wiped) had no
+    serial to compare with, so an older validly signed set replayed to it was taken for its whole TTL.
+    `keys.min_serial`, kept in the config outside the spool, is a floor: refused, before and after a
+    restart (the saved copy too); the current set passes."""
+    first = ring.publish(None)
+    ring.rotate(None)
+    second = ring.publish(None)
+    server.document = first  # the replay, to an agent with nothing saved
+    cache = tmp_path / "buffer" / "keyset.json"
+    fresh = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache, min_serial=2)
+    with pytest.raises(KeySetRollbackError, match="below the configured keys.min_serial 2"):
+        await fresh.refresh()
+    assert fresh.keyset is None and not cache.exists()
+    without = KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer)
+    assert (await without.refresh()).serial == 1  # what happened before: the old set taken
+    server.document = second
+    assert (await fresh.refresh()).serial == 2
+    cache.write_bytes(first)  # an old set planted as the saved copy
+    with pytest.raises(KeySetRollbackError, match="min_serial"):
+        KeySetFollower(KeySetHTTPS(server.url, ca_bundle=ca.ca_pem), ring.signer, cache=cache,
+                       min_serial=2).restore()
+
+
 async def test_a_tampered_saved_key_set_is_refused_and_replaced(server, ca, ring, tmp_path) -> None:
     cache = tmp_path / "keyset.json"
     cache.write_bytes(tampered(ring.publish(None)))
