@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from mediaseal.buffer.manifest import DISPOSE_MODES, DisposeMode
+from mediaseal.buffer.manifest import DISPOSE_MODES, MAX_SIDECARS, DisposeMode
 from mediaseal.codec import KINDS
 from mediaseal.plumbing.media import is_passive, passive_or_octet
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentConfig", "BufferConfig", "Config", "ConfigError", "check_layout", "KeysConfig", "MetricsConfig",
-    "RepositoryConfig", "WatchConfig", "embedded_default", "load_config", "parse_size",
+    "RepositoryConfig", "WatchConfig", "embedded_default", "load_config", "parse_size", "sidecar_shape",
 ]
 
 GiB = 1 << 30
@@ -399,11 +399,11 @@ class _Builder:
             marker = (w.marker or "{path}" + w.marker_suffix) if w.completion == "marker" else None
             for n, template in enumerate(w.sidecars):
                 self.rule(f"{at}.sidecars[{n}]", _marker_template(template) and template != marker
-                          and _beside(template),
+                          and sidecar_shape(template) is not None,
                           "must name a file beside the recording by its stem or name, e.g. \"{dir}/{stem}.xml\" "
                           "or \"{path}.meta\"")
-            self.rule(f"{at}.sidecars", len(set(w.sidecars)) == len(w.sidecars) and len(w.sidecars) <= 8,
-                      "at most 8, each once")
+            self.rule(f"{at}.sidecars", len(set(w.sidecars)) == len(w.sidecars) and len(w.sidecars) <= MAX_SIDECARS,
+                      f"at most {MAX_SIDECARS}, each once")
             self.choice(f"{at}.dispose", w.dispose, DISPOSE_MODES)
             if w.dispose == "move":
                 self.rule(f"{at}.move_to", w.move_to is not None, 'required with dispose = "move"')
@@ -435,7 +435,7 @@ class _Builder:
         self.positive("keys.max_staleness_seconds", k.max_staleness_seconds)
         self.rule("keys.min_serial", k.min_serial >= 0 and (k.min_serial == 0 or k.keyset is not None),
                   "must be >= 0, and is only used with keys.keyset")
-        repo_dir = self.url(r.url)
+        self.url(r.url)
         self.range("repository.concurrency", r.concurrency, 1, 64)
         self.rule("repository.endpoint_url", r.endpoint_url is None or _http_url(r.endpoint_url),
                   "must be an http:// or https:// URL")
@@ -451,14 +451,9 @@ class _Builder:
         self.positive("repository.connect_timeout", r.connect_timeout)
         self.positive("repository.read_timeout", r.read_timeout)
         self.rule("metrics.listen", _listen(m.listen), f"must be HOST:PORT (got {m.listen!r})")
-        # Anything the agent owns inside a capture directory would be picked up, encrypted and disposed.
-        owned = {"buffer.path": b.path, "keys.keyring": k.keyring, "keys.signer": k.signer, "repository.url": repo_dir}
-        if k.keyset is not None and "://" not in k.keyset:
-            owned["keys.keyset"] = Path(k.keyset)
-        for where, p in owned.items():
+        for where, p in _owned_paths(cfg).items():  # as written; check_layout judges them by their real paths
             for i, w in enumerate(cfg.watch):
-                if p is not None:
-                    self.rule(where, not _overlap(p, w.path), f"overlaps watch[{i}].path ({w.path})")
+                self.rule(where, not _overlap(p, w.path), f"overlaps watch[{i}].path ({w.path})")
 
     def keyset(self, source: str) -> None:
         self.rule("keys.keyset", source != "", "must be a file path, https:// or s3:// URL (got '')")
@@ -511,14 +506,34 @@ def _marker_template(template: str) -> bool:
     return fields <= set(MARKER_FIELDS) and bool(fields - {"dir"}) and probe != "/d/r.wav"
 
 
-def _beside(template: str) -> bool:
-    """Whether a sidecar template puts the file in the recording's own directory, named by one field."""
-    rest = "{name}" + template.removeprefix("{path}") if template.startswith("{path}") else template
-    rest = rest.removeprefix("{dir}/")
-    if rest == template and not template.startswith("{path}"):
-        return False
-    fields = [f for _, f, _, _ in string.Formatter().parse(rest) if f is not None]
-    return "/" not in rest and fields in (["stem"], ["name"])
+def sidecar_shape(template: str) -> tuple[str, str, str] | None:
+    """(literal prefix, field, literal suffix) of a sidecar template that puts the file beside its
+    recording, named by one field: "{dir}/<prefix>{stem|name}<suffix>" or "{path}<suffix>"; else None."""
+    if template.startswith("{path}"):
+        template = "{dir}/{name}" + template.removeprefix("{path}")
+    rest = template.removeprefix("{dir}/")
+    if rest == template or "/" in rest:
+        return None
+    parts = [(lit, f) for lit, f, _, _ in string.Formatter().parse(rest)]
+    fields = [f for _, f in parts if f is not None]
+    if len(fields) != 1 or fields[0] not in ("stem", "name"):
+        return None
+    return parts[0][0], fields[0], "".join(lit for lit, _ in parts[1:])
+
+
+def _owned_paths(cfg: Config) -> dict[str, Path]:
+    """The agent's own files and directories (config key -> path), which lie outside every capture
+    directory: anything of its own inside one would be picked up, encrypted and disposed of, or reached
+    by whoever writes there. (`move_to` has rules of its own.)"""
+    k = cfg.keys
+    owned = {"buffer.path": cfg.buffer.path, "buffer.manifest_key": cfg.buffer.manifest_key_path}
+    owned |= {where: p for where, p in (("keys.keyring", k.keyring), ("keys.signer", k.signer)) if p is not None}
+    if k.keyset is not None and "://" not in k.keyset:
+        owned["keys.keyset"] = Path(k.keyset)
+    parts = urlsplit(cfg.repository.url)
+    if parts.scheme == "file":
+        owned["repository.url"] = Path(os.path.normpath(parts.path))
+    return owned
 
 
 def check_layout(cfg: Config) -> list[str]:
@@ -526,26 +541,16 @@ def check_layout(cfg: Config) -> list[str]:
     are (symlinks resolved, once, at start): `load_config` compares the paths as written, and whoever
     writes a capture directory must not reach the spool, the keys or a `move_to` through a link the
     operator made (DESIGN invariant 9). Returns one line per problem."""
-    owned: dict[str, Path] = {"buffer.path": cfg.buffer.path, "buffer.manifest_key": cfg.buffer.manifest_key_path}
-    if cfg.keys.keyring is not None:
-        owned["keys.keyring"] = cfg.keys.keyring
-    if cfg.keys.signer is not None:
-        owned["keys.signer"] = cfg.keys.signer
-    if cfg.keys.keyset is not None and "://" not in cfg.keys.keyset:
-        owned["keys.keyset"] = Path(cfg.keys.keyset)
-    if cfg.repository.url.startswith("file://"):
-        owned["repository.url"] = Path(urlsplit(cfg.repository.url).path)
-    for i, w in enumerate(cfg.watch):
-        if w.move_to is not None:
-            owned[f"watch[{i}].move_to"] = w.move_to
+    owned = _owned_paths(cfg) | {f"watch[{i}].move_to": w.move_to for i, w in enumerate(cfg.watch)
+                                 if w.move_to is not None}
+    real = {where: Path(os.path.realpath(p)) for where, p in owned.items()}
     problems = []
     for i, w in enumerate(cfg.watch):
         real_watch = Path(os.path.realpath(w.path))
         for where, p in owned.items():
-            real = Path(os.path.realpath(p))
-            if _overlap(real, real_watch):
-                problems.append(f"{where}: {p} is {real}, which overlaps watch[{i}].path ({w.path} is {real_watch}): "
-                                "keep the agent's own directories outside every capture directory")
+            if _overlap(real[where], real_watch):
+                problems.append(f"{where}: {p} is {real[where]}, which overlaps watch[{i}].path ({w.path} is "
+                                f"{real_watch}): keep the agent's own directories outside every capture directory")
     return problems
 
 

@@ -41,7 +41,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Literal, get_args
@@ -51,7 +51,7 @@ from mediaseal.agent.config import WatchConfig
 from mediaseal.agent.crash import crash_point
 from mediaseal.agent.watcher import marker_for
 from mediaseal.agent.writers import refuse_if_open
-from mediaseal.buffer.manifest import DISPOSE_MODES, DisposeMode, Manifest, SourceIdentity
+from mediaseal.buffer.manifest import DISPOSE_MODES, RECORDING_ID, DisposeMode, Manifest, SourceIdentity
 from mediaseal.buffer.spool import Spool
 from mediaseal.plumbing.dirfd import make_dirs, opened_dir
 from mediaseal.plumbing.durable import DurabilityError, fsync, write_all
@@ -66,7 +66,7 @@ DISPOSE_FAILURE_REASONS: tuple[DisposeFailure, ...] = get_args(DisposeFailure)
 for _reason in DISPOSE_FAILURE_REASONS:  # at zero from the start, so increase() sees the first failure
     metrics.DISPOSE_FAILURES.labels(_reason)
 
-_PRIVATE = re.compile(r"\.mediaseal-(?P<rid>[0-9]{8}T[0-9]{6}Z-[0-9a-f]{20}(?:\.sidecar[1-8])?)\.disposing")
+_PRIVATE = re.compile(rf"\.mediaseal-(?P<rid>{RECORDING_ID.pattern})\.disposing")
 
 
 def failure_reason(e: OSError) -> DisposeFailure:
@@ -179,11 +179,7 @@ class Disposal:
             self._remove_marker(m, w)
             crash_point("after-dispose-marker")
             if m.dispose == "move" and w.move_to is not None:
-                rel = src.parent.relative_to(w.path)
-                os.makedirs(w.move_to, mode=0o700, exist_ok=True)  # the configured directory (outside every watch)
-                with make_dirs(w.move_to, w.move_to / rel) as dest:
-                    _move(d, grabbed, dest, src.name)
-                    fsync(dest, w.move_to / rel)
+                _move_out(w, src.parent, d, grabbed, src.name)
             else:
                 with contextlib.suppress(FileNotFoundError):  # a replay after the unlink, before the fsync
                     os.unlink(grabbed, dir_fd=d)
@@ -313,11 +309,7 @@ class Disposal:
                     if not stat.S_ISREG(os.stat(name, dir_fd=d, follow_symlinks=False).st_mode):
                         continue
                     if w.dispose == "move" and w.move_to is not None:
-                        rel = here.relative_to(w.path)
-                        os.makedirs(w.move_to, mode=0o700, exist_ok=True)
-                        with make_dirs(w.move_to, w.move_to / rel) as dest:
-                            _move(d, name, dest, match["rid"])
-                            fsync(dest, w.move_to / rel)
+                        _move_out(w, here, d, name, match["rid"])
                     else:
                         os.unlink(name, dir_fd=d)
                     fsync(d, here)
@@ -341,15 +333,31 @@ def _exists_at(d: int, name: str) -> bool:
     return True
 
 
+def _names(name: str) -> Iterator[str]:
+    """`name`, then `<stem>-1<suffix>`, `<stem>-2<suffix>`, ...: where a file goes when its name is taken."""
+    p = Path(name)
+    yield name
+    for n in range(1, 1000):
+        yield f"{p.stem}-{n}{p.suffix}"
+    raise FileExistsError(f"no free name for {name}")
+
+
+def _move_out(w: WatchConfig, here: Path, src_dir: int, name: str, dest_name: str) -> None:
+    """Move `name` (in `src_dir`, the descriptor of `here` under the watch) to the same relative place
+    under the watch's `move_to` (made 0700 as needed; it lies outside every watch), durably."""
+    assert w.move_to is not None
+    rel = here.relative_to(w.path)
+    os.makedirs(w.move_to, mode=0o700, exist_ok=True)  # the configured directory itself
+    with make_dirs(w.move_to, w.move_to / rel) as dest:
+        _move(src_dir, name, dest, dest_name)
+        fsync(dest, w.move_to / rel)
+
+
 def _move(src_dir: int, name: str, dest_dir: int, dest_name: str) -> None:
     """Move one file between directory descriptors: a rename where both are on one filesystem, else a
     copy (created O_EXCL, fsynced) and an unlink. An existing file under the destination name is never
     replaced: the moved one takes a free name beside it."""
-    target, n = dest_name, 0
-    while _exists_at(dest_dir, target):
-        n += 1
-        stem, dot, ext = dest_name.rpartition(".")
-        target = f"{stem}-{n}.{ext}" if dot and stem else f"{dest_name}-{n}"
+    target = next(t for t in _names(dest_name) if not _exists_at(dest_dir, t))
     try:
         os.rename(name, target, src_dir_fd=src_dir, dst_dir_fd=dest_dir)
         return
@@ -375,21 +383,17 @@ def _give_back(d: int, grabbed: str, src: Path) -> None:
     """Return a file taken by mistake (a newer recording under the name) without replacing whatever is
     under the name by now: link, which refuses an existing name, then drop the private one. If the name
     is taken again, the file keeps a visible name of its own, so it is still sealed and nothing is lost."""
-    target = src.name
-    for n in range(1, 1000):
+    for target in _names(src.name):
         try:
             os.link(grabbed, target, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
             break
         except FileExistsError:
-            target = f"{src.stem}-{n}{src.suffix}"
+            continue
         except OSError:  # no hard links here: a rename, checked first (a narrower window, never a loss of both)
             if _exists_at(d, target):
-                target = f"{src.stem}-{n}{src.suffix}"
                 continue
             os.rename(grabbed, target, src_dir_fd=d, dst_dir_fd=d)
             break
-    else:
-        raise FileExistsError(f"no free name to give {grabbed} back under")
     if target != src.name:
         log.warning("source-renamed", extra={"fields": {"path": str(src), "renamed_to": str(src.with_name(target))}})
     with contextlib.suppress(FileNotFoundError):

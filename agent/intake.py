@@ -48,7 +48,7 @@ from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.watcher import Candidate, sidecars_for
 from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd, probe
-from mediaseal.buffer.manifest import DisposeMode, Manifest, SourceIdentity
+from mediaseal.buffer.manifest import DisposeMode, Manifest, SourceIdentity, sidecar_id
 from mediaseal.buffer.spool import Reservation, Spool, SpoolFullError
 from mediaseal.plumbing.dirfd import opened_dir
 from mediaseal.plumbing.durable import DurabilityError
@@ -284,7 +284,7 @@ class Intake:
         try:
             staged.append(self._stage(w, cand.path, rid, captured, recipient, reservation, cand.identity))
             for n, path in enumerate(sidecars_for(w, cand.path), 1):
-                sid = f"{rid}.sidecar{n}"
+                sid = sidecar_id(rid, n)
                 if self.spool.load(sid) is not None or self.spool.is_kept(sid):
                     continue  # committed before a crash
                 try:
@@ -305,12 +305,15 @@ class Intake:
             if committed:
                 crash_point("after-sidecar-commit")
             return [*committed, self._commit(main, w, rid, cand.marker)]
+        except BaseException:
+            for s in staged:
+                with contextlib.suppress(FileNotFoundError):  # committed ones were renamed away already
+                    s.path.unlink()  # staged, never committed
+            raise
         finally:
             for s in staged:
-                if s.reservation is not reservation:
+                if s.reservation is not reservation:  # the caller's own; a committed one is released already
                     self.spool.cancel(s.reservation)
-                with contextlib.suppress(FileNotFoundError):
-                    s.path.unlink()  # staged, never committed
 
     def _stage(self, w: WatchConfig, path: Path, rid: str, captured: str, recipient: codec.Recipient,
                reservation: Reservation, identity: SourceIdentity) -> _Staged:

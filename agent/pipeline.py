@@ -17,7 +17,6 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,18 +30,15 @@ from mediaseal.agent.disposal import Disposal
 from mediaseal.agent.intake import Cancelled, Intake, package_estimate, recording_id
 from mediaseal.agent.keysource import PublicKeys
 from mediaseal.agent.watcher import Candidate, Watcher
-from mediaseal.buffer.manifest import Manifest
+from mediaseal.buffer.manifest import RECORDING_ID, Manifest
 from mediaseal.buffer.spool import SPOOLED, Spool
-from mediaseal.uploader import Repository, RepositoryError
+from mediaseal.uploader import Repository, RepositoryError, repository_key
 
 log = logging.getLogger("mediaseal.pipeline")
 
 T = TypeVar("T")
 
 __all__ = ["manifest_problem", "SPOOLED", "DeliveryHealth", "Pipeline", "package_estimate", "recording_id"]
-
-
-_RECORDING_ID = re.compile(r"(?P<date>[0-9]{8})T[0-9]{6}Z-[0-9a-f]{20}(?:\.sidecar[1-8])?")
 
 
 def manifest_problem(config: Config, m: Manifest) -> str | None:
@@ -52,11 +48,15 @@ def manifest_problem(config: Config, m: Manifest) -> str | None:
     delivery at another object), and its source lies under a configured watch (a disposal never acts
     anywhere else). A config changed since (another kind, disposal or marker) is not a refusal: the
     disposal follows the watch as configured now and removes only the marker the watch names."""
-    match = _RECORDING_ID.fullmatch(m.recording_id)
+    match = RECORDING_ID.fullmatch(m.recording_id)
     if match is None:
         return f"recording id {m.recording_id!r} is not one the agent makes"
     d = match["date"]
-    if m.repo_key != f"{m.kind}/{d[:4]}/{d[4:6]}/{d[6:]}/{m.recording_id}.mseal":
+    try:
+        derived = repository_key(m.kind, f"{d[:4]}-{d[4:6]}-{d[6:]}T00:00:00Z", m.recording_id)
+    except ValueError:
+        derived = None  # an unknown kind
+    if m.repo_key != derived:
         return f"repository key {m.repo_key!r} is not the one derived from its kind, capture date and id"
     src = Path(m.source)
     if not src.is_absolute() or ".." in src.parts or os.path.normpath(src) != str(src):

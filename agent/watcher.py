@@ -41,7 +41,6 @@ import itertools
 import logging
 import os
 import stat
-import string
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +51,7 @@ from pathlib import Path
 from asyncinotify import Inotify, Mask
 from watchfiles import Change, awatch
 
-from mediaseal.agent.config import TEMP_PATTERNS, WatchConfig
+from mediaseal.agent.config import TEMP_PATTERNS, WatchConfig, sidecar_shape
 from mediaseal.agent.metrics import RESCANS, UNREADABLE
 from mediaseal.agent.writers import Writers, ignore_lease_breaks, open_writers_fd
 from mediaseal.buffer.manifest import SourceIdentity
@@ -136,22 +135,10 @@ def has_recording(watch: WatchConfig, path: Path) -> bool:
 @functools.cache
 def _beside(templates: tuple[str, ...]) -> tuple[tuple[str, str, str, str], ...]:
     """(glob, literal prefix, field, literal suffix) for each template that puts a sidecar beside its
-    recording, by one field: "{dir}/<prefix>{stem|name}<suffix>" or "{path}<suffix>"."""
-    out = []
-    for t in templates:
-        if t.startswith("{path}"):
-            t = "{dir}/{name}" + t.removeprefix("{path}")
-        rest = t.removeprefix("{dir}/")
-        if rest == t or "/" in rest:
-            continue
-        parts = [(lit, f) for lit, f, _, _ in string.Formatter().parse(rest)]
-        fields = [f for _, f in parts if f is not None]
-        if len(fields) != 1 or fields[0] not in ("stem", "name"):
-            continue
-        prefix = parts[0][0]
-        suffix = "".join(lit for lit, _ in parts[1:])
-        out.append((_glob_escape(prefix) + "*" + _glob_escape(suffix), prefix, fields[0], suffix))
-    return tuple(out)
+    recording (`config.sidecar_shape`)."""
+    shapes = [shape for t in templates if (shape := sidecar_shape(t)) is not None]
+    return tuple((_glob_escape(prefix) + "*" + _glob_escape(suffix), prefix, field, suffix)
+                 for prefix, field, suffix in shapes)
 
 
 def _glob_escape(text: str) -> str:

@@ -22,10 +22,22 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-__all__ = ["DISPOSE_MODES", "STATES", "DisposeMode", "Manifest", "ManifestState", "SourceIdentity"]
+__all__ = ["DISPOSE_MODES", "MAX_SIDECARS", "RECORDING_ID", "STATES", "DisposeMode", "Manifest", "ManifestState",
+           "SourceIdentity", "canonical_json", "sidecar_id"]
+
+MAX_SIDECARS = 8  # per recording (`[[watch]] sidecars`)
+# The ids the agent makes (agent/intake.py `recording_id`): the capture time, a hash, and for a sidecar
+# its place among the watch's templates. Manifests, private disposal names and repository keys carry them.
+RECORDING_ID = re.compile(rf"(?P<date>[0-9]{{8}})T[0-9]{{6}}Z-[0-9a-f]{{20}}(?:\.sidecar[1-{MAX_SIDECARS}])?")
+
+
+def sidecar_id(recording_id: str, n: int) -> str:
+    """The id of the `n`-th (1-based) sidecar of `recording_id`: its package lies beside the recording's."""
+    return f"{recording_id}.sidecar{n}"
 
 
 class ManifestState(enum.StrEnum):
@@ -107,15 +119,24 @@ class Manifest:
         return SourceIdentity.from_dict(self.identity)
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         """Parse a manifest; ValueError for one in an unknown state or with an unknown dispose mode."""
-        doc = json.loads(data)
+        return cls.from_dict(json.loads(data))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Manifest:
+        """`from_json` of a document parsed already; members it does not know (the spool's `mac`) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         m = cls(**{k: v for k, v in doc.items() if k in names})
         m.state = ManifestState(m.state)
         if m.dispose not in DISPOSE_MODES:
             raise ValueError(f"manifest {m.recording_id}: unknown dispose mode {m.dispose!r}")
         return m
+
+
+def canonical_json(doc: dict[str, Any]) -> bytes:
+    """The one serialisation of a manifest document (sorted keys, no spaces): what its MAC covers."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

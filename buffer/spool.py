@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
 
-from mediaseal.buffer.manifest import STATES, Manifest, ManifestState, SourceIdentity
+from mediaseal.buffer.manifest import STATES, Manifest, ManifestState, SourceIdentity, canonical_json
 from mediaseal.plumbing.durable import DurabilityError, atomic_open, fsync, fsync_dir
 
 log = logging.getLogger("mediaseal.spool")
@@ -374,14 +374,14 @@ class Spool:
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
             mac = doc.pop("mac", None)
-            m = Manifest.from_json(data)
+            m = Manifest.from_dict(doc)
         except (ValueError, TypeError) as e:
             raise ManifestRefused(recording_id, f"unreadable: {e}") from None
         if self._mac_key is not None:
             if mac is None and self._adopt:
                 self._write_manifest_to(directory, m)
                 log.warning("manifest-adopted", extra={"fields": {"recording_id": recording_id}})
-            elif not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(_canonical(doc))):
+            elif not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(canonical_json(doc))):
                 raise ManifestRefused(recording_id, "its MAC does not verify (not written by this agent)")
         if m.recording_id != recording_id:
             raise ManifestRefused(recording_id, f"names another recording ({m.recording_id!r})")
@@ -395,11 +395,10 @@ class Spool:
 
     def _sealed(self, m: Manifest) -> bytes:
         """The manifest file's content: its JSON, with its MAC when the spool has a key."""
-        if self._mac_key is None:
-            return m.to_json()
-        doc = json.loads(m.to_json())
-        doc["mac"] = self._mac(_canonical(doc))
-        return _canonical(doc)
+        doc = dataclasses.asdict(m)
+        if self._mac_key is not None:
+            doc["mac"] = self._mac(canonical_json(doc))
+        return canonical_json(doc)
 
     def _reject(self, recording_id: str, reason: str) -> None:
         """Move a refused manifest (and a package under its name) to rejected/: kept as evidence and
@@ -587,6 +586,3 @@ def manifest_key(path: Path) -> tuple[bytes, bool]:
         raise SpoolError(f"{path}: not a manifest key (32 bytes expected, {len(key)} found)")
     return key, False
 
-
-def _canonical(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

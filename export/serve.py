@@ -327,8 +327,10 @@ class PlaybackServer:
             try:
                 self.audit.write(entry)
             except OSError as e:  # the admission line (if any) is on disk; say so where an operator looks
-                log.error("audit-failed", extra={"fields": {"path": str(self.audit.path),
-                                                            "error": e.strerror or str(e)}})
+                self._audit_failed(e)
+
+    def _audit_failed(self, e: OSError) -> None:
+        log.error("audit-failed", extra={"fields": {"path": str(self.audit.path), "error": e.strerror or str(e)}})
 
     async def _serve(self, request: web.Request, entry: dict[str, Any]) -> tuple[web.StreamResponse, int]:
         key = request.match_info["key"]
@@ -369,12 +371,12 @@ class PlaybackServer:
         entry["served"] = f"{first}-{first + length - 1}/{pkg.plaintext_size}" if length else f"-/{pkg.plaintext_size}"
         # Fail closed (invariant 10): the admission line is on disk before the first byte of plaintext
         # leaves; if it cannot be written (a full disk), nothing is served.
-        try:
-            self.audit.write({**entry, "phase": "admitted"}, durable=True)
+        try:  # the fsync off the event loop: the other streams go on meanwhile
+            await asyncio.to_thread(self.audit.write, {**entry, "phase": "admitted"}, durable=True)
         except OSError as e:
             await pieces.aclose()
             entry["error"] = f"audit log: {e.strerror or e}"
-            log.error("audit-failed", extra={"fields": {"path": str(self.audit.path), "error": e.strerror or str(e)}})
+            self._audit_failed(e)
             return _json(503, "audit", "the audit log cannot be written: nothing is served until it can"), 0
         resp = web.StreamResponse(status=status, headers=headers)
         sent = 0
@@ -384,7 +386,8 @@ class PlaybackServer:
                 return resp, 0
             while piece:
                 try:
-                    await asyncio.wait_for(resp.write(piece), self.write_seconds)
+                    async with asyncio.timeout(self.write_seconds):  # no task per piece, as wait_for makes
+                        await resp.write(piece)
                 except TimeoutError:  # a reader that stopped reading: its buffers are not held for ever
                     entry["error"] = f"reader stalled for {self.write_seconds:g} s after {sent} bytes: closed"
                     if request.transport is not None:
@@ -415,11 +418,8 @@ class PlaybackServer:
         if_range = request.headers.get("If-Range")
         if if_range is not None and if_range.strip() != etag:
             rng = None
-        headers = {
-            "Accept-Ranges": "bytes", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-            # Nothing served here may run: no script, no subresource, no same-origin document (finding 2).
-            "Content-Security-Policy": CSP, "ETag": etag,
-        }
+        # (Content-Security-Policy and nosniff: on every answer, `_harden`.)
+        headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-store", "ETag": etag}
         if rng == UNSATISFIABLE:
             refused = _json(416, "range-not-satisfiable", f"the recording is {size} bytes")
             refused.headers.update(headers)
@@ -465,7 +465,8 @@ def _nameable(key: str) -> bool:
 
 
 async def _harden(_request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer, errors included: nothing in it runs, nothing is sniffed into an active type."""
+    """Every answer, errors included: nothing in it runs (no script, no subresource, no same-origin
+    document: finding 2), nothing is sniffed into an active type."""
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
 

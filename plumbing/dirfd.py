@@ -33,14 +33,18 @@ def single_name(name: str) -> str:
     return name
 
 
-def open_dir(anchor: Path | str, directory: Path | str) -> int:
+def open_dir(anchor: Path | str, directory: Path | str, *, create: int | None = None) -> int:
     """A descriptor of `directory`, which must lie at or below `anchor`, reached from `anchor` one
-    component at a time without following symlinks. The caller closes it."""
+    component at a time without following symlinks; `create`: the mode to make missing components with.
+    The caller closes it."""
     anchor, directory = Path(os.path.normpath(anchor)), Path(os.path.normpath(directory))
     rel = directory.relative_to(anchor)  # ValueError if it is not below: never a walk upwards
     fd = os.open(anchor, _DIR_FLAGS)
     try:
         for part in rel.parts:
+            if create is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(single_name(part), create, dir_fd=fd)
             nxt = os.open(single_name(part), _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nxt
@@ -62,16 +66,8 @@ def opened_dir(anchor: Path | str, directory: Path | str) -> Iterator[int]:
 @contextlib.contextmanager
 def make_dirs(anchor: Path | str, directory: Path | str, mode: int = 0o700) -> Iterator[int]:
     """`opened_dir`, creating the missing components below `anchor` (0700) on the way."""
-    anchor, directory = Path(os.path.normpath(anchor)), Path(os.path.normpath(directory))
-    rel = directory.relative_to(anchor)
-    fd = os.open(anchor, _DIR_FLAGS)
+    fd = open_dir(anchor, directory, create=mode)
     try:
-        for part in rel.parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(single_name(part), mode, dir_fd=fd)
-            nxt = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
         yield fd
     finally:
         os.close(fd)
